@@ -1,0 +1,64 @@
+"""The `cspine-ray` console script: one subcommand per step.
+
+Each step's CLI module exposes `add_arguments(parser)` and `run(args) -> int`; the step also
+runs as `python -m cspine_ray.<step>` through the same two functions (see `step_main`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# subcommand -> (module, one-line help). Modules are imported only when their step runs,
+# so `cspine-ray score` does not pay for importing torch and Ray.
+STEPS = {
+    "synth": ("cspine_ray.synth.cli", "generate a synthetic RSNA-layout demo dataset"),
+    "preprocess": ("cspine_ray.preprocess.cli", "DICOM studies -> sharded dataset (Ray Data)"),
+    "score": ("cspine_ray.metric", "score a submission CSV against labels"),
+}
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def step_main(module_name: str, description: str, argv: list[str] | None = None,
+              prog: str | None = None) -> int:
+    """Parse `argv` with the step's own arguments and run it."""
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=prog or f"python -m {module_name.removesuffix('.cli')}",
+                                     description=description)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    module.add_arguments(parser)
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    return int(module.run(args) or 0)
+
+
+def usage() -> str:
+    lines = ["usage: cspine-ray STEP [options]   (cspine-ray STEP --help for a step's options)", "",
+             "steps:"]
+    lines += [f"  {name:<12}{help_text}" for name, (_, help_text) in STEPS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    if argv[0] not in STEPS:
+        print(f"cspine-ray: unknown step {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module_name, help_text = STEPS[argv[0]]
+    return step_main(module_name, help_text, argv[1:], prog=f"cspine-ray {argv[0]}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Two-stage family, stage 2: one sample = one vertebra of one study as a sequence of 2.5D crops.
+
+From the study's slice table (ratio C1..C7 + box per slice, ground truth or predicted by
+stage 1) `choose_slices` picks 3L slices for the vertebra, `study_crop_box` one crop box for
+all of them, and the dataset turns the 3L cropped slices into L 2.5D images: step i holds
+chosen slices 3i, 3i+1, 3i+2 (window-major channels when several windows are used).
+
+Slice choice (the thesis, section 4.5.2): smooth each vertebra's ratio with a centred rolling
+mean, keep the slices above the threshold, take 3L evenly spaced among them (repeating evenly
+when there are fewer). A vertebra that passes nowhere is not an error; it gets a defined
+fallback and found=False, which the model may answer with a prior:
+  1. a trace of it (smoothed peak > MIN_PEAK): the contiguous run of slices around the peak
+     whose smoothed ratio is at least half the peak;
+  2. none: its expected anatomical place, part `vertebra` of 7 equal parts of the study's
+     cervical z-range (slices where any vertebra passes the threshold; the whole study when
+     none does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cspine_ray.datasets.images import read_windowed
+from cspine_ray.datasets.store import ShardStore
+from cspine_ray.datasets.tables import N_RATIOS, check_slice_table
+from cspine_ray.datasets.windowing import resolve_windows
+from cspine_ray.io.errors import StudyError
+
+MIN_PEAK = 0.01  # below this a smoothed ratio is numerical noise, not a trace of the vertebra
+MIN_CROP = 0.05  # smallest crop side (fraction of the image): a collapsed predicted box stays usable
+
+
+def smooth_ratios(ratio_table: np.ndarray, smooth: int) -> np.ndarray:
+    """Centred rolling mean of `smooth` slices along z (fewer at the ends), per column."""
+    ratio = np.nan_to_num(np.asarray(ratio_table, dtype=np.float64), nan=0.0)
+    if smooth <= 1:
+        return ratio
+    n = len(ratio)
+    left = smooth // 2
+    right = smooth - 1 - left
+    csum = np.concatenate([np.zeros((1, ratio.shape[1])), np.cumsum(ratio, axis=0)])
+    lo = np.clip(np.arange(n) - left, 0, n)
+    hi = np.clip(np.arange(n) + right + 1, 0, n)
+    return (csum[hi] - csum[lo]) / (hi - lo)[:, None]
+
+
+def spread(candidates: np.ndarray, count: int) -> np.ndarray:
+    """`count` evenly spaced entries of sorted `candidates` (first and last included); with
+    fewer candidates than `count`, each is repeated count // n or count // n + 1 times."""
+    n = len(candidates)
+    if n >= count:
+        positions = np.floor(np.linspace(0, n - 1, count) + 0.5).astype(np.int64)
+    else:
+        positions = np.arange(count) * n // count
+    return candidates[positions]
+
+
+def choose_slices(ratio_table: np.ndarray, vertebra: int, length: int, threshold: float = 0.3,
+                  smooth: int = 5) -> tuple[np.ndarray, bool]:
+    """Slices for vertebra `vertebra` (0 = C1 ... 6 = C7) -> (int64 (3 * length,) ascending, found)."""
+    ratio_table = np.asarray(ratio_table)
+    if ratio_table.ndim != 2 or ratio_table.shape[1] != N_RATIOS or len(ratio_table) == 0:
+        raise ValueError(f"ratio table must be (z > 0, {N_RATIOS}), got {ratio_table.shape}")
+    if not 0 <= vertebra < N_RATIOS:
+        raise ValueError(f"vertebra must be 0..{N_RATIOS - 1}, got {vertebra}")
+    if length < 1:
+        raise ValueError(f"length must be at least 1, got {length}")
+    smoothed = smooth_ratios(ratio_table, smooth)
+    count = 3 * length
+    passing = np.flatnonzero(smoothed[:, vertebra] > threshold)
+    if len(passing):
+        return spread(passing, count), True
+    return spread(_fallback_slices(smoothed, vertebra, threshold), count), False
+
+
+def _fallback_slices(smoothed: np.ndarray, vertebra: int, threshold: float) -> np.ndarray:
+    column = smoothed[:, vertebra]
+    peak_z = int(np.argmax(column))
+    peak = column[peak_z]
+    if peak > MIN_PEAK:  # rule 1: the run around the peak at half its height
+        keep = column >= peak / 2
+        start, stop = peak_z, peak_z + 1
+        while start > 0 and keep[start - 1]:
+            start -= 1
+        while stop < len(column) and keep[stop]:
+            stop += 1
+        return np.arange(start, stop)
+    # rule 2: expected anatomical position within the cervical range (or the whole study)
+    cervical = np.flatnonzero(smoothed.max(axis=1) > threshold)
+    first, last = (cervical[0], cervical[-1]) if len(cervical) else (0, len(smoothed) - 1)
+    n = last - first + 1
+    start = first + vertebra * n // N_RATIOS
+    stop = max(first + (vertebra + 1) * n // N_RATIOS, start + 1)
+    return np.arange(start, stop)
+
+
+def study_crop_box(boxes: np.ndarray, indices: Sequence[int] | np.ndarray,
+                   margin: float = 0.1) -> tuple[float, float, float, float]:
+    """One crop (x0, y0, x1, y1) in [0, 1] for all chosen slices.
+
+    The union of the chosen slices' boxes (NaN rows ignored), widened by `margin` x its width
+    / height on each side, made square by growing the shorter side about its centre (the
+    shards are square, so the crop keeps the aspect ratio), at least MIN_CROP wide, then
+    shifted inside the image; a side longer than the image becomes the full side. All NaN:
+    the full image.
+    """
+    chosen = np.asarray(boxes, dtype=np.float64)[np.asarray(indices, dtype=np.int64)]
+    chosen = chosen[np.isfinite(chosen).all(axis=1)]
+    if not len(chosen):
+        return (0.0, 0.0, 1.0, 1.0)
+    x0, y0 = chosen[:, 0].min(), chosen[:, 1].min()
+    x1, y1 = chosen[:, 2].max(), chosen[:, 3].max()
+    w, h = x1 - x0, y1 - y0
+    x0, x1, y0, y1 = x0 - margin * w, x1 + margin * w, y0 - margin * h, y1 + margin * h
+    side = min(max(x1 - x0, y1 - y0, MIN_CROP), 1.0)
+
+    def place(lo: float, hi: float) -> tuple[float, float]:
+        lo = (lo + hi) / 2 - side / 2
+        lo = min(max(lo, 0.0), 1.0 - side)  # shift inside rather than clip: keeps it square
+        return lo, lo + side
+
+    x0, x1 = place(x0, x1)
+    y0, y1 = place(y0, y1)
+    return (float(x0), float(y0), float(x1), float(y1))
+
+
+def box_to_pixels(box: tuple[float, float, float, float], height: int,
+                  width: int) -> tuple[int, int, int, int]:
+    """Normalised (x0, y0, x1, y1) -> pixel (y0, y1, x0, x1), end exclusive, at least 1 pixel."""
+    x0, y0, x1, y1 = box
+    px0 = min(int(np.floor(x0 * width)), width - 1)
+    py0 = min(int(np.floor(y0 * height)), height - 1)
+    px1 = max(min(int(np.ceil(x1 * width)), width), px0 + 1)
+    py1 = max(min(int(np.ceil(y1 * height)), height), py0 + 1)
+    return py0, py1, px0, px1
+
+
+class VertebraSequenceDataset(Dataset):
+    """(uid, vertebra) samples -> dict of one vertebra's sequence of L 2.5D crops.
+
+    Sample keys:
+        image     float32 (L, 3 * n_windows, crop_size, crop_size), values in [0, 1]
+        vertebra  int (0 = C1 ... 6 = C7)
+        label     float32 scalar, the study's label for this vertebra (only when labels are given)
+        found     bool, False when the fallback chose the slices
+        indices   int64 (3L,) the chosen slices
+        box       float32 (4) the crop box x0, y0, x1, y1 in [0, 1]
+        uid       str
+    slice_tables: uid -> (z, 11) ratio C1..C7 + box; labels: uid -> (8) in TARGETS order.
+    """
+
+    def __init__(self, shards_dir: str | Path, samples: Sequence[tuple[str, int]],
+                 slice_tables: Mapping[str, np.ndarray],
+                 labels: Mapping[str, np.ndarray] | None = None, length: int = 8,
+                 threshold: float = 0.3, crop_size: int = 320,
+                 windows: Sequence[str | Sequence[float]] = ("bone",), smooth: int = 5,
+                 margin: float = 0.1, max_open: int = 64):
+        if length < 1 or crop_size < 1:
+            raise ValueError(f"length and crop_size must be positive, got {length}, {crop_size}")
+        self.store = ShardStore(shards_dir, max_open=max_open)
+        self.samples = [(uid, int(v)) for uid, v in samples]
+        for uid, v in self.samples:
+            if not 0 <= v < N_RATIOS:
+                raise ValueError(f"vertebra must be 0..{N_RATIOS - 1}, got {v} for study {uid}")
+            if uid not in slice_tables:
+                raise StudyError(uid, "no slice table for this study")
+            if labels is not None and uid not in labels:
+                raise StudyError(uid, "no labels for this study")
+        uids = {uid for uid, _ in self.samples}
+        self.slice_tables = {u: np.asarray(slice_tables[u], np.float32) for u in uids}
+        self.labels = None if labels is None else {u: np.asarray(labels[u], np.float32) for u in uids}
+        self.length = length
+        self.threshold = threshold
+        self.crop_size = crop_size
+        self.windows = resolve_windows(windows)
+        self.smooth = smooth
+        self.margin = margin
+
+    @property
+    def channels(self) -> int:
+        return 3 * len(self.windows)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        uid, vertebra = self.samples[i]
+        volume = self.store.get(uid).volume
+        n, height, width = volume.shape
+        table = check_slice_table(uid, self.slice_tables[uid], n)
+        indices, found = choose_slices(table[:, :N_RATIOS], vertebra, self.length, self.threshold,
+                                       self.smooth)
+        box = study_crop_box(table[:, N_RATIOS:], indices, self.margin)
+        crop = box_to_pixels(box, height, width)
+        image = read_windowed(volume, indices, self.windows, self.crop_size, crop)  # (W, 3L, S, S)
+        size = self.crop_size
+        image = image.reshape(len(self.windows), self.length, 3, size, size).transpose(0, 1)
+        sample = {
+            "image": image.reshape(self.length, self.channels, size, size).contiguous(),
+            "vertebra": vertebra,
+            "found": found,
+            "indices": torch.from_numpy(indices),
+            "box": torch.tensor(box, dtype=torch.float32),
+            "uid": uid,
+        }
+        if self.labels is not None:
+            sample["label"] = torch.tensor(self.labels[uid][vertebra], dtype=torch.float32)
+        return sample

@@ -1,0 +1,146 @@
+"""The preprocessing run: RSNA layout -> Ray Data (one task per study) -> shards + manifest.
+
+Re-running on the same output folder resumes: finished shards and recorded failures whose
+sources and settings are unchanged are reused (a cheap check inside each task), everything else
+is (re)built. The manifest is written last, atomically, so it always describes complete shards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cspine_ray import TARGETS
+from cspine_ray.config import to_dict
+from cspine_ray.io.rsna import Layout, discover
+from cspine_ray.preprocess import shards
+from cspine_ray.preprocess.config import PreprocessConfig
+from cspine_ray.preprocess.folds import assign_folds, fold_summary
+from cspine_ray.preprocess.manifest import manifest_hash, write_manifest
+from cspine_ray.preprocess.study import process_study
+
+log = logging.getLogger(__name__)
+
+SETTINGS = "preprocess.json"
+
+
+def study_items(layout: Layout) -> list[dict]:
+    """One plain, serialisable work item per usable study."""
+    return [
+        {
+            "study_uid": s.uid,
+            "split": s.split,
+            "image_dir": str(s.image_dir),
+            "segmentation": str(s.segmentation) if s.segmentation else "",
+            "fracture_boxes": json.dumps([list(b) for b in s.fracture_boxes]),
+        }
+        for s in layout.studies
+    ]
+
+
+def check_settings(out: Path, cfg: PreprocessConfig, source: Path) -> None:
+    """Refuse to mix shards of different settings in one folder; record the settings used."""
+    path = out / SETTINGS
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old.get("shard_hash") != cfg.shard_hash():
+            raise ValueError(
+                f"{out} holds shards built with other settings ({old.get('config')}); "
+                f"use another --out for {to_dict(cfg)}"
+            )
+    shards.write_json_atomic(
+        path, {"config": to_dict(cfg), "shard_hash": cfg.shard_hash(), "source": str(source)}
+    )
+
+
+def _run_tasks(items: list[dict], cfg: PreprocessConfig, out: Path, verify: bool) -> list[dict]:
+    import ray
+
+    if not items:
+        return []
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map(
+        process_study,
+        fn_kwargs={"cfg": cfg, "out_dir": str(out), "verify": verify},
+        num_cpus=1,
+        memory=int(cfg.memory_per_task_gb * 2**30),
+    )
+    return list(ds.iter_rows())
+
+
+def _split_of(reasons: list[str]) -> str:
+    """The layout check names the part a problem comes from (test.csv, test_images/...)."""
+    return "test" if any("test.csv" in r or "test_images" in r for r in reasons) else "train"
+
+
+def _layout_failures(layout: Layout) -> tuple[list[dict], dict[str, list[str]]]:
+    """Rows for studies the layout check excluded; notes for studies that go on regardless."""
+    usable = {s.uid for s in layout.studies}
+    excluded: dict[str, list[str]] = {}
+    notes: dict[str, list[str]] = {}
+    for p in layout.problems:
+        (notes if p.study in usable else excluded).setdefault(p.study, []).append(p.problem)
+    rows = [
+        {"study_uid": uid, "split": _split_of(reasons), "status": "failed", "reason": "; ".join(reasons),
+         "shard": "", "n_slices": 0, "height": 0, "width": 0, "spacing_z": np.nan,
+         "spacing_y": np.nan, "spacing_x": np.nan, "has_segmentation": False,
+         "n_fracture_boxes": 0, "checksum": "", "warnings": "", "reused": False}
+        for uid, reasons in excluded.items()
+    ]
+    return rows, notes
+
+
+def build_manifest(rows: list[dict], layout: Layout, notes: dict[str, list[str]],
+                   cfg: PreprocessConfig) -> pd.DataFrame:
+    df = pd.DataFrame(rows)
+    labels = {s.uid: s.labels for s in layout.studies if s.labels}
+    for t in TARGETS:
+        df[t] = [int(labels[u][t]) if u in labels else -1 for u in df["study_uid"]]
+    df["warnings"] = [
+        "; ".join([w] + notes.get(u, []) if w else notes.get(u, []))
+        for u, w in zip(df["study_uid"], df["warnings"])
+    ]
+    df["fold"] = -1
+    train_ok = (df["status"] == "ok") & (df["split"] == "train") & (df["patient_overall"] >= 0)
+    df.loc[train_ok, "fold"] = assign_folds(df[train_ok], cfg.n_folds, cfg.seed)
+    return df
+
+
+def run_preprocess(data: str | Path, out: str | Path, cfg: PreprocessConfig | None = None,
+                   address: str | None = None, num_cpus: int | None = None,
+                   verify: bool = False) -> pd.DataFrame:
+    """Preprocess every study under the RSNA layout `data` into `out`; returns the manifest."""
+    from cspine_ray.runtime import init_ray
+
+    cfg = cfg or PreprocessConfig()
+    data, out = Path(data), Path(out)
+    layout = discover(data)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "studies").mkdir(exist_ok=True)
+    check_settings(out, cfg, data)
+    stale = shards.remove_stale_tmp(out / "studies")
+    if stale:
+        log.info("removed %d half-written shard(s) left by an interrupted run", stale)
+
+    items = study_items(layout)
+    log.info("preprocessing %d studies from %s into %s (%d excluded by the layout check)",
+             len(items), data, out, len({p.study for p in layout.problems} - {i["study_uid"] for i in items}))
+    init_ray(address=address, num_cpus=num_cpus)
+    rows = _run_tasks(items, cfg, out, verify)
+    failed_rows, notes = _layout_failures(layout)
+    manifest = build_manifest(rows + failed_rows, layout, notes, cfg)
+    reused = int(sum(bool(r["reused"]) for r in rows))
+    write_manifest(manifest, out)
+
+    ok = manifest["status"] == "ok"
+    log.info("done: %d ok (%d reused from an earlier run), %d failed; manifest hash %s",
+             ok.sum(), reused, (~ok).sum(), manifest_hash(manifest))
+    for _, r in manifest[~ok].iterrows():
+        log.warning("failed: study %s: %s", r["study_uid"], r["reason"])
+    if (manifest["fold"] >= 0).any():
+        log.info("folds:\n%s", fold_summary(manifest).to_string())
+    return manifest

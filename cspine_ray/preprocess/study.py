@@ -1,0 +1,185 @@
+"""One study -> one shard (or a recorded failure). Runs inside a Ray Data task.
+
+The study's slices are streamed: each chunk is decoded, converted to HU and resampled to the
+shard size before the next is read, and written straight into a memory-mapped .npy file, so a
+768x768x600 study needs the full-resolution label volume at most (when segmented), never the
+full-resolution HU volume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from cspine_ray import VERTEBRAE
+from cspine_ray.io.dicom import iter_hu_slices, scan_series
+from cspine_ray.io.errors import StudyError
+from cspine_ray.io.segmentation import load_segmentation
+from cspine_ray.preprocess import shards
+from cspine_ray.preprocess.config import PreprocessConfig
+from cspine_ray.preprocess.resample import resize_labels, resize_slices
+from cspine_ray.preprocess.targets import (
+    cervical_boxes,
+    fracture_boxes,
+    vertebra_pixel_counts,
+    vertebra_ratios,
+)
+
+log = logging.getLogger(__name__)
+
+
+def source_fingerprint(item: dict) -> str:
+    """Cheap identity of a study's inputs (file names, sizes, mtimes; segmentation; boxes)."""
+    h = hashlib.sha256()
+    image_dir = Path(item["image_dir"])
+    if image_dir.is_dir():
+        for entry in sorted(os.scandir(image_dir), key=lambda e: e.name):
+            st = entry.stat()
+            h.update(f"{entry.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    if item.get("segmentation"):
+        st = os.stat(item["segmentation"])
+        h.update(f"seg\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    h.update(item.get("fracture_boxes", "[]").encode())
+    return h.hexdigest()[:32]
+
+
+def _chunks(iterable, n):
+    it = iter(iterable)
+    while chunk := list(itertools.islice(it, n)):
+        yield chunk
+
+
+def build_shard(item: dict, cfg: PreprocessConfig, final: Path, fingerprint: str) -> dict:
+    """Read, resample and write one study's shard atomically; returns its meta. Raises StudyError."""
+    uid = item["study_uid"]
+    info = scan_series(item["image_dir"], study=uid)
+    size = cfg.size
+    tmp = shards.new_tmp_dir(final.parent, uid)
+    try:
+        volume = np.lib.format.open_memmap(
+            tmp / "volume.npy", mode="w+", dtype=np.int16, shape=(len(info.files), size, size)
+        )
+        start = 0
+        for chunk in _chunks(iter_hu_slices(info), cfg.chunk_slices):
+            volume[start : start + len(chunk)] = resize_slices(np.stack(chunk), size)
+            start += len(chunk)
+        volume.flush()
+        if start != len(info.files):
+            raise StudyError(uid, f"series delivered {start} slices, expected {len(info.files)}")
+
+        warnings = list(info.warnings)
+        seg_meta = None
+        if item.get("segmentation"):
+            seg = load_segmentation(item["segmentation"], info, hu=volume, study=uid,
+                                    min_bone_hu=cfg.min_bone_hu)
+            warnings += seg.warnings
+            counts = vertebra_pixel_counts(seg.labels)  # at full resolution: exact ratios
+            mask = resize_labels(seg.labels, size)
+            del seg
+            np.save(tmp / "mask.npy", mask)
+            np.save(tmp / "ratio.npy", vertebra_ratios(counts))
+            np.save(tmp / "box.npy", cervical_boxes(mask, cfg.min_region_pixels))
+            seg_meta = {"vertebrae_present": [v for v, c in zip(VERTEBRAE, counts.sum(0)) if c > 0]}
+
+        boxes, box_warnings = fracture_boxes(
+            tuple(tuple(b) for b in json.loads(item.get("fracture_boxes", "[]"))),
+            info.instance_numbers,
+            info.shape,
+        )
+        warnings += box_warnings
+        scale_y, scale_x = size / info.shape[0], size / info.shape[1]
+        meta = {
+            "study_uid": uid,
+            "split": item["split"],
+            "shape": [len(info.files), size, size],
+            "source_shape": list(info.shape),
+            "spacing": [info.spacing[0], info.spacing[1] / scale_y, info.spacing[2] / scale_x],
+            "instance_numbers": list(info.instance_numbers),
+            "z_positions": list(info.z_positions),
+            "z_increases_with_instance": info.z_increases_with_instance,
+            "has_segmentation": seg_meta is not None,
+            "segmentation": seg_meta,
+            "fracture_boxes": boxes,
+            "warnings": warnings,
+            "shard_hash": cfg.shard_hash(),
+            "source_fingerprint": fingerprint,
+        }
+        shards.commit(tmp, final, meta)
+        return json.loads((final / shards.META).read_text())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def process_study(item: dict, cfg: PreprocessConfig, out_dir: str, verify: bool = False) -> dict:
+    """Shard one study, reusing a finished shard or recorded failure from an earlier run.
+
+    Never raises for bad input: the failure is recorded (with its reason) and returned as a row.
+    """
+    uid = item["study_uid"]
+    studies_dir = Path(out_dir) / "studies"
+    final = studies_dir / uid
+    failure_path = studies_dir / f"{uid}.failed.json"
+    fingerprint = source_fingerprint(item)
+    meta = shards.reusable_meta(final, cfg.shard_hash(), fingerprint, verify=verify)
+    if meta is not None:
+        return result_row(item, meta=meta, reused=True)
+    try:
+        failure = json.loads(failure_path.read_text())
+        if failure.get("source_fingerprint") == fingerprint and failure.get("shard_hash") == cfg.shard_hash():
+            return result_row(item, reason=failure["reason"], reused=True)
+    except (OSError, ValueError):
+        pass
+
+    try:
+        meta = build_shard(item, cfg, final, fingerprint)
+    except StudyError as e:
+        reason = e.problem
+    except MemoryError:
+        reason = "out of memory while reading the series"
+    except Exception as e:  # a reader bug must not kill the run; keep the reason, log the trace
+        log.exception("study %s: unexpected error", uid)
+        reason = f"unexpected {type(e).__name__}: {e}"
+    else:
+        failure_path.unlink(missing_ok=True)
+        return result_row(item, meta=meta, reused=False)
+
+    log.warning("study %s: %s", uid, reason)
+    shards.write_json_atomic(
+        failure_path,
+        {"study_uid": uid, "reason": reason, "source_fingerprint": fingerprint,
+         "shard_hash": cfg.shard_hash()},
+    )
+    return result_row(item, reason=reason, reused=False)
+
+
+def result_row(item: dict, meta: dict | None = None, reason: str = "", reused: bool = False) -> dict:
+    """The per-study result a task returns (flat, Arrow-friendly); labels are joined later."""
+    ok = meta is not None
+    spacing = meta["spacing"] if ok else [np.nan] * 3
+    shape = meta["shape"] if ok else [0, 0, 0]
+    return {
+        "study_uid": item["study_uid"],
+        "split": item["split"],
+        "status": "ok" if ok else "failed",
+        "reason": reason,
+        "shard": f"studies/{item['study_uid']}" if ok else "",
+        "n_slices": int(shape[0]),
+        "height": int(shape[1]),
+        "width": int(shape[2]),
+        "spacing_z": float(spacing[0]),
+        "spacing_y": float(spacing[1]),
+        "spacing_x": float(spacing[2]),
+        "has_segmentation": bool(ok and meta["has_segmentation"]),
+        "n_fracture_boxes": len(meta["fracture_boxes"]) if ok else 0,
+        "checksum": meta["checksum"] if ok else "",
+        "warnings": "; ".join(meta["warnings"]) if ok else "",
+        "reused": reused,
+    }

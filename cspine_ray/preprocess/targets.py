@@ -1,0 +1,86 @@
+"""Per-slice targets from a vertebra label volume: the thesis's stage-1 ratio and box targets.
+
+ratio[z, k] = pixels of vertebra C(k+1) in slice z / its maximum over the study's slices.
+box[z]      = (x0, y0, x1, y1) of the C1-C7 connected regions in slice z, normalised to [0, 1];
+              NaN where the slice shows no cervical vertebra.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+N_VERTEBRAE = 7
+
+
+def vertebra_pixel_counts(labels: np.ndarray) -> np.ndarray:
+    """(z, 7) pixel count of each of C1..C7 in each slice of a (z, y, x) label volume."""
+    z = labels.shape[0]
+    counts = np.zeros((z, N_VERTEBRAE), dtype=np.int64)
+    for i in range(z):  # one bincount per slice keeps memory at one slice
+        c = np.bincount(labels[i].ravel(), minlength=N_VERTEBRAE + 1)
+        counts[i] = c[1 : N_VERTEBRAE + 1]
+    return counts
+
+
+def vertebra_ratios(counts: np.ndarray) -> np.ndarray:
+    """Normalise (z, 7) counts by each vertebra's maximum over the study (0 where absent)."""
+    peak = counts.max(axis=0, keepdims=True).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.where(peak > 0, counts / np.maximum(peak, 1), 0.0)
+    return ratio.astype(np.float32)
+
+
+def cervical_boxes(labels: np.ndarray, min_region_pixels: int = 8) -> np.ndarray:
+    """(z, 4) normalised C1-C7 box per slice from the in-slice connected regions of the mask.
+
+    Regions smaller than `min_region_pixels` are dropped so a stray labelled voxel does not
+    stretch the box (the thesis keeps the boxes of the mask's connected regions).
+    """
+    z, h, w = labels.shape
+    boxes = np.full((z, 4), np.nan, dtype=np.float32)
+    # connectivity within a slice only: each slice's regions are independent
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = ndimage.generate_binary_structure(2, 1)
+    cervical = (labels >= 1) & (labels <= N_VERTEBRAE)
+    regions, n = ndimage.label(cervical, structure=structure)
+    if n == 0:
+        return boxes
+    sizes = np.bincount(regions.ravel(), minlength=n + 1)
+    for region_id, sl in enumerate(ndimage.find_objects(regions), start=1):
+        if sl is None or sizes[region_id] < min_region_pixels:
+            continue
+        zi = sl[0].start  # structure forbids z-connectivity: one slice per region
+        y0, y1, x0, x1 = sl[1].start, sl[1].stop, sl[2].start, sl[2].stop
+        b = np.array([x0 / w, y0 / h, x1 / w, y1 / h], dtype=np.float32)
+        if np.isnan(boxes[zi, 0]):
+            boxes[zi] = b
+        else:
+            boxes[zi, :2] = np.minimum(boxes[zi, :2], b[:2])
+            boxes[zi, 2:] = np.maximum(boxes[zi, 2:], b[2:])
+    return boxes
+
+
+def fracture_boxes(
+    boxes: tuple[tuple[float, float, float, float, int], ...],
+    instance_numbers: tuple[int, ...],
+    shape: tuple[int, int],
+) -> tuple[list[list[float]], list[str]]:
+    """Map RSNA fracture boxes (x, y, width, height, slice_number) to [z, x0, y0, x1, y1] normalised.
+
+    slice_number is an InstanceNumber; the canonical index comes from the series' own numbering.
+    Returns the mapped boxes and warnings for boxes on slices the series does not have.
+    """
+    index_of = {n: i for i, n in enumerate(instance_numbers)}
+    rows, cols = shape
+    out, warnings = [], []
+    for x, y, width, height, slice_number in boxes:
+        zi = index_of.get(int(slice_number))
+        if zi is None:
+            warnings.append(f"fracture box on slice {slice_number}, which the series does not have")
+            continue
+        x0, y0 = max(0.0, x / cols), max(0.0, y / rows)
+        x1, y1 = min(1.0, (x + width) / cols), min(1.0, (y + height) / rows)
+        out.append([float(zi), x0, y0, x1, y1])
+    out.sort()
+    return out, warnings

@@ -1,0 +1,27 @@
+"""Starting or joining Ray the same way from every step."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None,
+             object_store_memory: int | None = None) -> None:
+    """Join the cluster at `address` (or RAY_ADDRESS), else start a local Ray; no-op if running."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        log.info("joined Ray cluster at %s", address)
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster needs no token
+    ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory,
+             include_dashboard=True, log_to_driver=True)
+    log.info("started local Ray with %s CPUs", ray.cluster_resources().get("CPU"))

@@ -1,0 +1,158 @@
+"""Training settings as plain data: one `TrainConfig` per job, loadable from YAML.
+
+Defaults follow the thesis (DESIGN.md section 4): AdamW lr 1e-4, wd 1e-5,
+CosineAnnealingWarmRestarts(T_0=5, eta_min=1e-6), ConvNeXt-Tiny, stage 1 at 384 px for 15
+epochs, stage 2 with L=8 steps at 320 px for 20 epochs, threshold 0.3, top-N with N=7.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from cspine_ray.config import from_dict, to_dict
+from cspine_ray.datasets.augment import AugmentConfig
+
+FAMILIES = ("cnn3d", "single_head", "multi_head", "two_stage")
+# the patient_overall rule each family uses unless top_n is set (thesis: max; product; N=7)
+DEFAULT_TOP_N = {"single_head": 1, "multi_head": 7, "two_stage": 7}
+SEQUENCE_HEADS = ("lstm", "gru", "transformer")
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    t0: int = 5                 # CosineAnnealingWarmRestarts period, in epochs
+    eta_min: float = 1e-6
+    amp: bool = True            # mixed precision; only ever used on a GPU
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1 or self.t0 < 1:
+            raise ValueError("epochs, batch_size and t0 must be >= 1")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class InputConfig:
+    windows: list[Any] = field(default_factory=lambda: ["bone"])  # names or [centre, width]
+    neighbour_offset: int = 1   # 2.5D: slices z-k, z, z+k become the channels
+    image_size: int = 384       # slice size of the 2D families
+    slices_per_study: int = 24  # 2D families: slices drawn per study and epoch
+    eval_stride: int = 2        # 2D families: every k-th slice when predicting a study
+    cube: int = 128             # cnn3d: the volume is resized to cube^3
+    loader_workers: int = 2     # DataLoader processes per training worker
+
+    @property
+    def channels(self) -> int:
+        return 3 * len(self.windows)
+
+
+@dataclass
+class Stage1Config:
+    """The vertebra locator (two-stage stage 1; the visibility model of the 2D families)."""
+
+    backbone: str = "convnext_tiny"
+    image_size: int = 384
+    epochs: int = 15
+    batch_size: int = 64
+    lr: float = 1e-4
+    slices_per_study: int = 64
+    model: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SequenceConfig:
+    """Two-stage stage 2: how a vertebra becomes a sequence, and the sequence model."""
+
+    length: int = 8             # L: 3L slices per vertebra -> L 2.5D steps
+    threshold: float = 0.3      # smoothed stage-1 ratio above which a slice shows the vertebra
+    smooth: int = 5
+    crop_size: int = 320
+    head: str = "lstm"
+    hidden: int = 256
+    layers: int = 2
+    vertebra_embedding: bool = True
+
+    def __post_init__(self):
+        if self.head not in SEQUENCE_HEADS:
+            raise ValueError(f"sequence.head must be one of {SEQUENCE_HEADS}, got {self.head!r}")
+        if self.length < 1 or not 0 <= self.threshold < 1:
+            raise ValueError("sequence.length must be >= 1 and threshold in [0, 1)")
+
+
+@dataclass
+class ResourcesConfig:
+    num_workers: int | None = None  # Ray Train workers; default one per fold; 0 = in-process
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0    # fractions share a GPU: 0.8 fits 5 folds on 4 GPUs
+    max_failures: int = 2           # worker losses survived (resume from the last checkpoint)
+
+
+@dataclass
+class TrainConfig:
+    family: str = "two_stage"
+    backbone: str = "convnext_tiny"
+    pretrained: bool = False
+    model: dict[str, Any] = field(default_factory=dict)  # extra create_model keyword arguments
+    top_n: int | None = None        # patient_overall = top-N rule; None = the family's default
+    seed: int = 42
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    sequence: SequenceConfig = field(default_factory=SequenceConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        if self.top_n is not None and not 1 <= self.top_n <= 7:
+            raise ValueError(f"top_n must be in 1..7, got {self.top_n}")
+
+    @property
+    def needs_stage1(self) -> bool:
+        return self.family != "cnn3d"
+
+    @property
+    def effective_top_n(self) -> int | None:
+        """N of the patient rule; None for cnn3d, which predicts patient_overall itself."""
+        if self.family == "cnn3d":
+            return None
+        return self.top_n or DEFAULT_TOP_N[self.family]
+
+    def training_key(self, manifest_hash: str) -> str:
+        """Identity of what training produces: everything but N and the resources.
+
+        Two trials that differ only in top_n (or in how many GPUs they ran on) share one key,
+        so the second reuses the first one's fold models and out-of-fold predictions.
+        """
+        d = to_dict(self)
+        for k in ("top_n", "resources"):
+            d.pop(k)
+        if self.family != "two_stage":
+            d.pop("sequence")
+        if not self.needs_stage1:
+            d.pop("stage1")
+        d["manifest"] = manifest_hash
+        return _digest(d)
+
+    def stage1_key(self, manifest_hash: str) -> str:
+        """Identity of the stage-1 result: the locator's settings and the data only."""
+        d = {"stage1": to_dict(self.stage1), "windows": to_dict(self.input)["windows"],
+             "neighbour_offset": self.input.neighbour_offset, "augment": to_dict(self.augment),
+             "pretrained": self.pretrained, "seed": self.seed, "manifest": manifest_hash}
+        return _digest(d)
+
+
+def _digest(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_train_config(data: dict | None) -> TrainConfig:
+    return from_dict(TrainConfig, data or {})

@@ -1,0 +1,214 @@
+"""Driver side of training: run a task on Ray Train, export its result, reuse finished results.
+
+Storage layout (a local folder, or shared storage such as EFS/NFS mounted on every node):
+
+    <storage>/ray/                       Ray Train's run folders (checkpoints of running jobs)
+    <storage>/stage1/<key>/              a finished stage-1 (locator) result, reused by key
+    <storage>/results/<family>-<key>/    a finished training result, reused by key
+
+An exported result folder holds `result.json` (settings, history, best epoch, model spec),
+`config.yaml`, `fold_<k>.pt` (best-epoch weights, loadable with weights_only=True),
+`oof.parquet` (each training study exactly once, predicted by the fold model that did not see
+it) and, for stage 1, `slice_tables.npz`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from cspine_ray import TARGETS
+from cspine_ray.config import from_dict, to_dict
+from cspine_ray.metric import evaluate
+from cspine_ray.preprocess.manifest import manifest_hash, read_manifest
+from cspine_ray.train.config import TrainConfig
+from cspine_ray.train.loop import fold_file, torch_load, train_loop_per_worker
+from cspine_ray.train.tasks import JobData, make_task
+from cspine_ray.train.tasks.base import SLICE_TABLES, save_slice_tables, to_targets
+
+log = logging.getLogger(__name__)
+
+RESULT = "result.json"
+
+
+@dataclass
+class TrainResult:
+    """A finished training job, as exported."""
+
+    path: Path
+    info: dict
+    config: TrainConfig
+
+    @property
+    def family(self) -> str:
+        return self.info["task"]
+
+    @property
+    def n_folds(self) -> int:
+        return self.info["n_folds"]
+
+    def oof(self) -> pd.DataFrame:
+        """Raw out-of-fold study predictions: study_uid, fold, C1..C7 (+ patient_model)."""
+        return pd.read_parquet(self.path / "oof.parquet")
+
+    def oof_targets(self, top_n: int | None) -> pd.DataFrame:
+        """The 8 submission columns per study (index study_uid) under the top-N rule."""
+        return to_targets(self.oof().set_index("study_uid"), top_n)
+
+    def fold_weights(self, fold: int) -> dict:
+        """Best-epoch state dict of one fold model."""
+        return torch_load(self.path / f"fold_{fold}.pt")["model"]
+
+
+def load_result(path: str | Path) -> TrainResult:
+    path = Path(path)
+    info = json.loads((path / RESULT).read_text())
+    return TrainResult(path=path, info=info, config=from_dict(TrainConfig, info["config"]))
+
+
+def evaluate_result(result: TrainResult, shards_dir: str | Path, top_n: int | None) -> dict[str, float]:
+    """OOF figures under the top-N rule: competition metric, its global variant and the AUCs."""
+    data = JobData.load(shards_dir)
+    preds = result.oof_targets(top_n)
+    labels = pd.DataFrame([data.labels[u] for u in preds.index], index=preds.index,
+                          columns=list(TARGETS))
+    return {f"oof_{k}": v for k, v in evaluate(labels, preds).items()}
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+    """An exclusive file lock: two trials needing the same result train it once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _fit(task_name: str, cfg: TrainConfig, shards_dir: Path, storage: Path, run_name: str,
+         n_folds: int, stage1_dir: Path | None, callbacks: list) -> "ray.train.Result":
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    res = cfg.resources
+    num_workers = n_folds if res.num_workers is None else res.num_workers
+    local_mode = num_workers == 0
+    scaling = ray.train.ScalingConfig(
+        num_workers=num_workers,
+        use_gpu=res.gpus_per_worker > 0,
+        resources_per_worker={"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker}
+        if not local_mode else None,
+    )
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": to_dict(cfg), "job": {
+            "task": task_name, "shards_dir": str(shards_dir),
+            "stage1_dir": str(stage1_dir) if stage1_dir else None,
+            "local_mode": local_mode, "threads": max(1, int(res.cpus_per_worker)),
+            "scratch": str(storage / "scratch"),
+        }},
+        scaling_config=scaling,
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=str(storage / "ray"),
+            failure_config=ray.train.FailureConfig(max_failures=res.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            callbacks=callbacks or None,
+        ),
+    )
+    (storage / "scratch").mkdir(parents=True, exist_ok=True)
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {run_name} reported no checkpoint")
+    return result
+
+
+def _export(task_name: str, cfg: TrainConfig, checkpoint, out: Path, n_folds: int, info: dict) -> None:
+    """Copy the best-epoch fold weights and OOF predictions out of a checkpoint, atomically."""
+    tmp = out.with_name(f".tmp-{out.name}.{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        with checkpoint.as_directory() as folder:
+            folder = Path(folder)
+            oofs, tables = [], {}
+            for k in range(n_folds):
+                best = torch_load(folder / fold_file(k, "best.pt"))
+                torch.save({"model": best["model"], "epoch": best["epoch"]}, tmp / f"fold_{k}.pt")
+                oofs.append(pd.read_parquet(folder / fold_file(k, "oof.parquet")))
+                extra = folder / fold_file(k, "tables.npz")
+                if extra.exists():
+                    with np.load(extra, allow_pickle=False) as z:
+                        tables.update({key: z[key] for key in z.files})
+            history = torch_load(folder / fold_file(0, "state.pt"))["history"]
+        oof = pd.concat(oofs, ignore_index=True).sort_values("study_uid")
+        oof.to_parquet(tmp / "oof.parquet", index=False)
+        if tables:
+            save_slice_tables(tables, tmp / SLICE_TABLES)
+        best = next(h for h in history if h["epoch"] == history[-1]["best_epoch"])
+        (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        info = dict(info, task=task_name, n_folds=n_folds, history=history, best=best,
+                    best_epoch=best["epoch"], cv_metric=best["cv_metric"], config=to_dict(cfg),
+                    created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        (tmp / RESULT).write_text(json.dumps(info, indent=1, default=float))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def run_task(task_name: str, cfg: TrainConfig, shards_dir: str | Path, storage: str | Path,
+             key: str, stage1_dir: Path | None = None, callbacks: list | None = None,
+             reuse: bool = True) -> TrainResult:
+    """Train `task_name` on every fold (or reuse the finished result stored under `key`)."""
+    shards_dir, storage = Path(shards_dir).resolve(), Path(storage).resolve()
+    kind = "stage1" if task_name == "locator" else "results"
+    out = storage / kind / (key if kind == "stage1" else f"{task_name}-{key}")
+    with _lock(storage / "locks" / f"{out.name}.lock"):
+        if reuse and (out / RESULT).exists():
+            log.info("%s: reusing the finished result %s", task_name, out)
+            return load_result(out)
+        data = JobData.load(shards_dir, stage1_dir)
+        if data.n_folds < 2:
+            raise ValueError(f"{shards_dir}: training needs at least 2 folds of usable studies")
+        model_name, model_kwargs = make_task(task_name, cfg, data).model_spec()
+        log.info("%s: training %d folds (key %s)", task_name, data.n_folds, key)
+        result = _fit(task_name, cfg, shards_dir, storage, f"{task_name}-{key}", data.n_folds,
+                      stage1_dir, callbacks or [])
+        info = {"key": key, "manifest_hash": manifest_hash(read_manifest(shards_dir)),
+                "shards_dir": str(shards_dir), "model": {"name": model_name, "kwargs": model_kwargs},
+                "stage1_dir": str(stage1_dir) if stage1_dir else None}
+        _export(task_name, cfg, result.checkpoint, out, data.n_folds, info)
+        return load_result(out)
+
+
+def ensure_stage1(cfg: TrainConfig, shards_dir: str | Path, storage: str | Path) -> TrainResult:
+    """The stage-1 locator result for these settings and data: reused when it exists."""
+    mhash = manifest_hash(read_manifest(shards_dir))
+    return run_task("locator", cfg, shards_dir, storage, cfg.stage1_key(mhash))
+
+
+def train(cfg: TrainConfig, shards_dir: str | Path, storage: str | Path,
+          callbacks: list | None = None, reuse: bool = True) -> TrainResult:
+    """Train a family end to end (its stage 1 first when it needs one); returns the result."""
+    stage1 = ensure_stage1(cfg, shards_dir, storage) if cfg.needs_stage1 else None
+    key = cfg.training_key(manifest_hash(read_manifest(shards_dir)))
+    return run_task(cfg.family, cfg, shards_dir, storage, key,
+                    stage1_dir=stage1.path if stage1 else None, callbacks=callbacks, reuse=reuse)

@@ -1,0 +1,243 @@
+"""The Ray Train worker loop: every worker trains its own fold(s) of one task; no DDP.
+
+World rank r trains folds r, r + W, r + 2W, ... (one fold per worker with the default one worker
+per fold; all folds in-process with `ScalingConfig(num_workers=0)`). After each epoch the
+workers exchange their fold figures (a gloo all-gather), so every worker reports the same
+cross-validation mean and agrees on whether the epoch is the best so far.
+
+Each epoch's checkpoint holds, per fold: the latest state (to resume after a lost worker), the
+weights of the best epoch and that epoch's out-of-fold predictions, so the latest checkpoint
+alone is enough both to resume and to export the result.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cspine_ray.config import from_dict
+from cspine_ray.train.config import TrainConfig
+from cspine_ray.train.tasks import JobData, Task, make_task
+from cspine_ray.train.tasks.base import autocast, to_device
+
+log = logging.getLogger(__name__)
+
+
+def fold_file(fold: int, kind: str) -> str:
+    """Checkpoint file names: fold_<k>.state.pt, .best.pt, .oof.parquet, .tables.npz."""
+    return f"fold_{fold}.{kind}"
+
+
+def torch_load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class FoldRun:
+    """The model, optimiser and best-so-far record of one fold on this worker."""
+
+    def __init__(self, task: Task, fold: int, device: torch.device):
+        self.task, self.fold, self.device = task, fold, device
+        self.train_uids, self.val_uids = task.split(fold)
+        if not self.train_uids:
+            raise ValueError(f"fold {fold}: no training studies for {task.name} "
+                             "(stage 1 needs segmented studies in at least two folds)")
+        opt = task.optim()
+        torch.manual_seed(task.cfg.seed * 1000 + fold)  # fold models do not depend on placement
+        self.model = task.build_model().to(device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opt.lr,
+                                           weight_decay=opt.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+            self.optimizer, T_0=opt.t0, eta_min=opt.eta_min)
+        fp16 = device.type == "cuda" and opt.amp and not torch.cuda.is_bf16_supported()
+        self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
+        self.generator = torch.Generator(device=device).manual_seed(task.cfg.seed * 1000 + fold)
+        self.best_state: dict | None = None
+        self.best_preds: pd.DataFrame | None = None
+        self.last_preds: pd.DataFrame | None = None
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        task, model = self.task, self.model
+        dataset = task.train_dataset(self.train_uids, epoch, self.fold)
+        loader = task.loader(dataset, train=True, device=self.device,
+                             seed=task.cfg.seed * 100_000 + self.fold * 1000 + epoch)
+        model.train()
+        total, count, waited = 0.0, 0, 0.0
+        steps = max(1, len(loader))
+        start = tick = time.perf_counter()
+        for i, batch in enumerate(loader):
+            waited += time.perf_counter() - tick
+            batch = to_device(batch, self.device)
+            with autocast(self.device, task.optim().amp):
+                loss = task.loss(model, batch, self.generator)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                loss.backward()
+                self.optimizer.step()
+            self.scheduler.step(epoch + (i + 1) / steps)  # warm restarts on fractional epochs
+            n = len(batch["uid"])
+            total += float(loss.detach()) * n
+            count += n
+            tick = time.perf_counter()
+        elapsed = time.perf_counter() - start
+        return {"train_loss": total / max(count, 1), "train_seconds": elapsed,
+                "data_wait_fraction": waited / elapsed if elapsed > 0 else 0.0,
+                "samples_per_second": count / elapsed if elapsed > 0 else 0.0}
+
+    def validate(self) -> dict[str, float]:
+        self.last_preds = self.task.predict(self.model, self.val_uids, self.device)
+        return self.task.score(self.last_preds, self.val_uids)
+
+    def keep_if_best(self, improved: bool) -> None:
+        if improved or self.best_state is None:
+            self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+            self.best_preds = self.last_preds
+
+    def best_model(self) -> torch.nn.Module:
+        model = copy.deepcopy(self.model)
+        model.load_state_dict(self.best_state)
+        return model
+
+    # --- checkpoint --------------------------------------------------------------------------
+    def save(self, folder: Path, progress: dict, extras: dict[str, np.ndarray] | None) -> None:
+        torch.save({
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else {},
+            "generator": self.generator.get_state(), **progress,
+        }, folder / fold_file(self.fold, "state.pt"))
+        torch.save({"model": self.best_state, "epoch": progress["best_epoch"]},
+                   folder / fold_file(self.fold, "best.pt"))
+        oof = self.best_preds.reset_index(names="study_uid").assign(fold=self.fold)
+        oof.to_parquet(folder / fold_file(self.fold, "oof.parquet"), index=False)
+        if extras is not None:
+            with open(folder / fold_file(self.fold, "tables.npz"), "wb") as f:
+                np.savez(f, **extras)
+
+    def restore(self, folder: Path) -> dict:
+        state = torch_load(folder / fold_file(self.fold, "state.pt"))
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"])
+        self.best_state = torch_load(folder / fold_file(self.fold, "best.pt"))["model"]
+        oof = pd.read_parquet(folder / fold_file(self.fold, "oof.parquet"))
+        self.best_preds = oof.drop(columns="fold").set_index("study_uid")
+        return {k: state[k] for k in ("epoch", "best_epoch", "best_cv", "history")}
+
+
+def _device() -> torch.device:
+    import ray.train.torch
+
+    try:
+        return ray.train.torch.get_device()
+    except Exception:  # local mode has no Train device context
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class _Exchange:
+    """All-gather of small Python objects between the workers (gloo, whatever the GPU backend)."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.group = None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            self.group = dist.new_group(backend="gloo")
+
+    def gather(self, local: dict) -> dict:
+        if self.group is None:
+            return dict(local)
+        parts = [None] * self.dist.get_world_size()
+        self.dist.all_gather_object(parts, local, group=self.group)
+        merged = {}
+        for part in parts:
+            merged.update(part)
+        return merged
+
+
+def epoch_report(epoch: int, per_fold: dict[int, dict], best_cv: float, best_epoch: int) -> dict:
+    """The figures every worker reports: the CV mean of each fold figure, and each fold's own."""
+    keys = sorted({k for m in per_fold.values() for k in m})
+    report = {"epoch": epoch + 1, "best_cv_metric": best_cv, "best_epoch": best_epoch + 1}
+    for key in keys:
+        values = [per_fold[f].get(key, math.nan) for f in sorted(per_fold)]
+        finite = [v for v in values if v == v]
+        report[f"cv_{key}"] = float(np.mean(finite)) if finite else math.nan
+        for f in sorted(per_fold):
+            report[f"fold_{f}_{key}"] = float(per_fold[f].get(key, math.nan))
+    return report
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point. config = {"train": TrainConfig as dict, "job": {...}}."""
+    import ray.train
+
+    torch.set_num_threads(max(1, int(config["job"].get("threads", 1))))
+    cfg = from_dict(TrainConfig, config["train"])
+    job = config["job"]
+    data = JobData.load(job["shards_dir"], job.get("stage1_dir"))
+    task = make_task(job["task"], cfg, data)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = _device()
+    runs = {k: FoldRun(task, k, device) for k in range(data.n_folds) if k % world == rank}
+    exchange = _Exchange()
+
+    start, best_cv, best_epoch, history = 0, math.inf, -1, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            for run in runs.values():
+                progress = run.restore(Path(folder))
+        start, best_cv = progress["epoch"] + 1, progress["best_cv"]
+        best_epoch, history = progress["best_epoch"], progress["history"]
+        log.info("rank %d resumed folds %s at epoch %d", rank, sorted(runs), start + 1)
+
+    epochs = task.optim().epochs
+    previous: Path | None = None
+    for epoch in range(start, epochs):
+        local = {}
+        for k, run in runs.items():
+            figures = run.train_epoch(epoch)
+            figures.update(run.validate() if run.val_uids else {"metric": math.nan})
+            local[k] = figures
+        per_fold = exchange.gather(local)
+        cv = float(np.nanmean([m["metric"] for m in per_fold.values()])) \
+            if any(m["metric"] == m["metric"] for m in per_fold.values()) else math.nan
+        improved = cv < best_cv or best_epoch < 0  # a NaN CV (no validation) keeps epoch 1
+        if improved:
+            best_cv, best_epoch = cv, epoch
+        for run in runs.values():
+            run.keep_if_best(improved)
+        report = epoch_report(epoch, per_fold, best_cv, best_epoch)
+        history.append(report)
+
+        folder = Path(tempfile.mkdtemp(prefix="cspine-ckpt-", dir=job.get("scratch")))
+        last = epoch == epochs - 1
+        for k, run in runs.items():
+            extras = task.final_outputs(run.best_model(), k, device) if last else None
+            run.save(folder, {"epoch": epoch, "best_epoch": best_epoch, "best_cv": best_cv,
+                              "history": history}, extras or None)
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        if job.get("local_mode"):  # the checkpoint is this folder itself: keep the latest
+            if previous is not None:
+                shutil.rmtree(previous, ignore_errors=True)
+            previous = folder
+        else:  # uploaded to the run's storage by now
+            shutil.rmtree(folder, ignore_errors=True)

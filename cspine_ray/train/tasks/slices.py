@@ -1,0 +1,79 @@
+"""Shared parts of the tasks that look at single 2.5D slices (locator, single_head, multi_head)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from cspine_ray import VERTEBRAE
+from cspine_ray.datasets import ShardStore, SliceDataset, slice_items
+from cspine_ray.train.tasks.base import Task, autocast, sample_cervical_slices, to_device
+
+
+class SliceTask(Task):
+    """A task whose samples are single slices and whose study prediction pools over slices."""
+
+    @property
+    def image_size(self) -> int:
+        return self.cfg.input.image_size
+
+    def slices_per_study(self) -> int:
+        return self.cfg.input.slices_per_study
+
+    def slice_table(self) -> dict | None:
+        """Per-slice targets: stage-1 predictions for every study (None: the shards' own)."""
+        return self.data.slice_tables
+
+    def dataset(self, items, labels=True) -> SliceDataset:
+        return SliceDataset(
+            self.data.shards_dir, items,
+            labels=self.data.labels if labels else None,
+            image_size=self.image_size,
+            neighbour_offset=self.cfg.input.neighbour_offset,
+            windows=self.cfg.input.windows,
+            slice_table=self.slice_table(),
+        )
+
+    def train_dataset(self, uids: list[str], epoch: int, fold: int) -> SliceDataset:
+        rng = np.random.default_rng([self.cfg.seed, fold, epoch])
+        store = ShardStore(self.data.shards_dir, max_open=4)
+        table = self.slice_table() or {}
+        items = []
+        for uid in uids:
+            n = store.get(uid).volume.shape[0]
+            picks = sample_cervical_slices(table.get(uid), n, self.slices_per_study(), rng)
+            items += [(uid, int(z)) for z in picks]
+        return self.dataset(items)
+
+    @torch.no_grad()
+    def slice_outputs(self, model: nn.Module, uids: list[str], device: torch.device,
+                      stride: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """uid -> (slice indices, raw model outputs per slice), batched over all studies."""
+        model.eval()
+        ds = self.dataset(slice_items(self.data.shards_dir, uids, stride=stride), labels=False)
+        out = defaultdict(lambda: ([], []))
+        for batch in self.loader(ds, train=False, device=device):
+            batch = to_device(batch, device)
+            with autocast(device, self.optim().amp):
+                raw = self.forward_for_prediction(model, batch["image"])
+            raw = raw.float().cpu().numpy()
+            for uid, z, r in zip(batch["uid"], batch["z"].tolist(), raw):
+                out[uid][0].append(z)
+                out[uid][1].append(r)
+        return {u: (np.asarray(zs), np.stack(rs)) for u, (zs, rs) in out.items()}
+
+    def forward_for_prediction(self, model: nn.Module, image: torch.Tensor) -> torch.Tensor:
+        return model(image)
+
+
+class FractureSliceTask(SliceTask):
+    """single_head and multi_head: a per-slice fracture score, max-pooled over a study's slices."""
+
+    def predict(self, model: nn.Module, uids: list[str], device: torch.device) -> pd.DataFrame:
+        outputs = self.slice_outputs(model, uids, device, self.cfg.input.eval_stride)
+        rows = {u: torch.sigmoid(torch.from_numpy(outputs[u][1])).max(0).values.numpy() for u in uids}
+        return pd.DataFrame.from_dict(rows, orient="index", columns=list(VERTEBRAE))

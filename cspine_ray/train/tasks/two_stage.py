@@ -1,0 +1,69 @@
+"""two_stage stage 2 (thesis 4.5.2): per vertebra, L 2.5D crops -> CNN -> BiLSTM -> attention.
+
+Samples are (study, vertebra) pairs; the slices and the crop come from the stage-1 slice table
+(out-of-fold for training studies). patient_overall follows the top-N rule (N=7 by default). A
+vertebra the slice table never shows above the threshold gets the training prior, not a guess.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from cspine_ray import VERTEBRAE
+from cspine_ray.datasets import VertebraSequenceDataset, augment_batch
+from cspine_ray.train.losses import weighted_bce
+from cspine_ray.train.tasks.base import Task, autocast, to_device
+
+
+class TwoStageTask(Task):
+    name = "two_stage"
+
+    def model_spec(self) -> tuple[str, dict[str, Any]]:
+        s = self.cfg.sequence
+        return "sequence_classifier", {
+            "backbone": self.cfg.backbone, "pretrained": self.cfg.pretrained,
+            "in_chans": self.cfg.input.channels, "sequence_head": s.head, "hidden": s.hidden,
+            "num_layers": s.layers, "vertebra_embedding": s.vertebra_embedding, **self.cfg.model,
+        }
+
+    def dataset(self, uids: list[str], labels: bool = True,
+                slice_tables: dict | None = None) -> VertebraSequenceDataset:
+        s = self.cfg.sequence
+        return VertebraSequenceDataset(
+            self.data.shards_dir, [(u, v) for u in uids for v in range(len(VERTEBRAE))],
+            slice_tables if slice_tables is not None else self.data.slice_tables,
+            labels=self.data.labels if labels else None, length=s.length, threshold=s.threshold,
+            crop_size=s.crop_size, windows=self.cfg.input.windows, smooth=s.smooth,
+        )
+
+    def train_dataset(self, uids: list[str], epoch: int, fold: int) -> VertebraSequenceDataset:
+        return self.dataset(uids)
+
+    def _forward(self, model: nn.Module, image: torch.Tensor, vertebra: torch.Tensor) -> torch.Tensor:
+        return model(image, vertebra if self.cfg.sequence.vertebra_embedding else None)
+
+    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        image = augment_batch(batch["image"], self.cfg.augment, generator)
+        return weighted_bce(self._forward(model, image, batch["vertebra"]), batch["label"])
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, uids: list[str], device: torch.device,
+                slice_tables: dict | None = None, prior: np.ndarray | None = None) -> pd.DataFrame:
+        model.eval()
+        prior = self.data.prior(self.data.uids) if prior is None else prior
+        probs = {u: np.array(prior[: len(VERTEBRAE)], np.float64) for u in uids}
+        ds = self.dataset(uids, labels=False, slice_tables=slice_tables)
+        for batch in self.loader(ds, train=False, device=device):
+            found = batch["found"].numpy()
+            batch = to_device(batch, device)
+            with autocast(device, self.optim().amp):
+                p = torch.sigmoid(self._forward(model, batch["image"], batch["vertebra"]).float())
+            for uid, v, pi, f in zip(batch["uid"], batch["vertebra"].tolist(), p.cpu().numpy(), found):
+                if f:  # not found: keep the prior
+                    probs[uid][v] = pi
+        return pd.DataFrame.from_dict(probs, orient="index", columns=list(VERTEBRAE))

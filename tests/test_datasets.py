@@ -1,0 +1,500 @@
+"""Datasets over real (tiny) shards written with the preprocess shard format, and batch augmentation."""
+
+import multiprocessing
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from cspine_ray import TARGETS
+from cspine_ray.config import ConfigError, from_dict
+from cspine_ray.datasets import (
+    WINDOWS,
+    AugmentConfig,
+    ShardStore,
+    SliceDataset,
+    VertebraSequenceDataset,
+    VolumeDataset,
+    apply_windows,
+    augment_batch,
+    choose_slices,
+    shard_slice_tables,
+    slice_items,
+    study_crop_box,
+    study_labels,
+)
+from cspine_ray.datasets.sequences import box_to_pixels
+from cspine_ray.datasets.volumes import read_cube
+from cspine_ray.io.errors import StudyError
+from cspine_ray.preprocess.shards import commit, new_tmp_dir
+from cspine_ray.preprocess.targets import cervical_boxes, vertebra_pixel_counts, vertebra_ratios
+
+A, B, C = "1.2.3.1", "1.2.3.2", "1.2.3.3"
+BORDER = 4  # air frame around every slice: shows whether a crop kept the image border
+
+
+def slice_hu(z):
+    """Each slice's body is a constant that encodes its index: bone window -> z / 30."""
+    return -450 + 60 * z
+
+
+def bone(z):
+    return z / 30
+
+
+def coded_volume(n, size):
+    vol = np.empty((n, size, size), np.int16)
+    for z in range(n):
+        vol[z] = slice_hu(z)
+    vol[:, :BORDER] = vol[:, -BORDER:] = vol[:, :, :BORDER] = vol[:, :, -BORDER:] = -1000
+    return vol
+
+
+def stacked_mask(n, size):
+    """C1..C7 stacked along z (5 slices each, 2 shared with the next), each a square that
+    grows then shrinks, centred in-plane: meaningful ratios and boxes."""
+    mask = np.zeros((n, size, size), np.uint8)
+    c = size // 2
+    for k in range(7):
+        for j, half in enumerate((2, 3, 5, 3, 2)):
+            z = 2 + 3 * k + j
+            mask[z, c - half - k // 2:c + half, c - half:c + half + k // 2] = k + 1
+    return mask
+
+
+def write_shard(studies, uid, volume, mask=None):
+    tmp = new_tmp_dir(studies, uid)
+    np.save(tmp / "volume.npy", volume)
+    if mask is not None:
+        np.save(tmp / "mask.npy", mask)
+        np.save(tmp / "ratio.npy", vertebra_ratios(vertebra_pixel_counts(mask)))
+        np.save(tmp / "box.npy", cervical_boxes(mask))
+    meta = {"study_uid": uid, "split": "train", "spacing": [1.0, 1.0, 1.0], "fracture_boxes": []}
+    commit(tmp, studies / uid, meta)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    studies = root / "studies"
+    write_shard(studies, A, coded_volume(30, 64), stacked_mask(30, 64))
+    write_shard(studies, B, coded_volume(20, 48))                      # not segmented
+    write_shard(studies, C, coded_volume(26, 32), stacked_mask(26, 32))
+    return root
+
+
+LABELS = {
+    A: np.array([0, 1, 0, 0, 0, 0, 1, 1], np.float32),
+    B: np.array([0, 0, 0, 0, 0, 0, 0, 0], np.float32),
+    C: np.array([1, 0, 0, 0, 0, 0, 0, 1], np.float32),
+}
+
+
+def centre(image):
+    h, w = image.shape[-2:]
+    return image[..., h // 2, w // 2]
+
+
+# --- windowing -------------------------------------------------------------------------------
+
+def test_windows_map_centre_to_half_and_edges_to_0_and_1():
+    centre_hu, width = WINDOWS["bone"]
+    hu = np.array([centre_hu, centre_hu - width / 2, centre_hu + width / 2, -3000, 3000,
+                   centre_hu + width / 4])
+    out = apply_windows(hu, ["bone"])
+    assert out.shape == (1, 6) and out.dtype == np.float32
+    np.testing.assert_allclose(out[0], [0.5, 0.0, 1.0, 0.0, 1.0, 0.75], atol=1e-6)
+    two = apply_windows(torch.tensor([40.0, 240.0]), ["soft", (0.0, 100.0)])
+    assert two.shape == (2, 2) and two.dtype == torch.float32
+    torch.testing.assert_close(two, torch.tensor([[0.5, 1.0], [0.9, 1.0]]))
+    with pytest.raises(ValueError, match="unknown window"):
+        apply_windows(hu, ["bnoe"])
+    with pytest.raises(ValueError, match="width"):
+        apply_windows(hu, [(0.0, 0.0)])
+
+
+# --- slices ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("offset", [1, 3])
+def test_neighbour_channels_are_the_right_slices_clipped_at_the_ends(shards, offset):
+    items = [(A, 0), (A, 10), (A, 29)]
+    ds = SliceDataset(shards, items, image_size=64, neighbour_offset=offset, windows=["bone", "soft"])
+    for i, (_, z) in enumerate(items):
+        image = ds[i]["image"]
+        assert image.shape == (6, 64, 64) and image.dtype == torch.float32
+        expected_z = np.clip([z - offset, z, z + offset], 0, 29)
+        expected = np.concatenate([apply_windows(np.array([slice_hu(e) for e in expected_z], float), [w])[0]
+                                   for w in ("bone", "soft")])
+        np.testing.assert_allclose(centre(image).numpy(), expected, atol=1e-6)
+        assert (image[:, 0, 0] == 0).all()  # the air border in the bone and soft windows
+
+
+def test_slice_images_are_resized(shards):
+    ds = SliceDataset(shards, [(B, 5)], image_size=24)
+    sample = ds[0]
+    assert sample["image"].shape == (3, 24, 24)
+    np.testing.assert_allclose(centre(sample["image"]).numpy(), [bone(4), bone(5), bone(6)], atol=1e-5)
+
+
+def test_slice_targets_follow_shard_and_labels(shards):
+    shard = ShardStore(shards).get(A)
+    items = [(A, z) for z in range(30)]
+    ds = SliceDataset(shards, items, labels=LABELS, image_size=16)
+    seen_c2_fracture = False
+    for i, (_, z) in enumerate(items):
+        s = ds[i]
+        ratio = np.asarray(shard.ratio[z])
+        np.testing.assert_array_equal(s["ratio"].numpy(), ratio)
+        visible = (ratio > 0.5).astype(np.float32)
+        np.testing.assert_array_equal(s["visible"].numpy(), visible)
+        np.testing.assert_array_equal(s["fracture"].numpy(), visible * LABELS[A][:7])
+        np.testing.assert_array_equal(s["label"].numpy(), LABELS[A])
+        finite = np.isfinite(shard.box[z]).all()
+        assert s["box_valid"] == bool(finite and visible.any())
+        assert s["has_targets"] and s["uid"] == A and s["z"] == z and s["study"] == 0
+        if finite:
+            np.testing.assert_allclose(s["box"].numpy(), shard.box[z])
+        else:
+            assert (s["box"] == 0).all()  # NaN replaced, never fed to a loss
+        seen_c2_fracture |= bool(s["fracture"][1] == 1)
+    assert seen_c2_fracture
+    assert ds[0]["fracture"].sum() == 0  # slice 0 shows no vertebra
+
+
+def test_slice_targets_without_segmentation_or_from_a_table(shards):
+    plain = SliceDataset(shards, [(B, 3)], image_size=16)[0]
+    assert not plain["has_targets"] and not plain["box_valid"]
+    assert plain["ratio"].sum() == 0 and "fracture" not in plain and "label" not in plain
+    table = np.zeros((20, 11), np.float32)
+    table[3, :7] = [0.0, 0.9, 0.6, 0.2, 0, 0, 0]
+    table[3, 7:] = [0.2, 0.3, 0.7, 0.8]
+    s = SliceDataset(shards, [(B, 3)], labels=LABELS | {B: np.array([0, 1, 1, 1, 0, 0, 0, 1])},
+                     image_size=16, slice_table={B: table})[0]
+    assert s["has_targets"] and s["box_valid"]
+    np.testing.assert_array_equal(s["visible"].numpy(), [0, 1, 1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(s["fracture"].numpy(), [0, 1, 1, 0, 0, 0, 0])
+    np.testing.assert_allclose(s["box"].numpy(), [0.2, 0.3, 0.7, 0.8])
+    with pytest.raises(StudyError, match="slice table has shape"):
+        SliceDataset(shards, [(B, 3)], image_size=16, slice_table={B: table[:5]})[0]
+
+
+def test_bad_items_raise_study_errors(shards):
+    with pytest.raises(StudyError, match="out of range"):
+        SliceDataset(shards, [(A, 30)], image_size=16)[0]
+    with pytest.raises(StudyError, match="no shard"):
+        SliceDataset(shards, [("1.2.9", 0)], image_size=16)[0]
+    with pytest.raises(StudyError, match="no labels"):
+        SliceDataset(shards, [(A, 0)], labels={B: LABELS[B]}, image_size=16)
+    with pytest.raises(ValueError, match="StudyInstanceUID"):
+        ShardStore(shards).get("../etc")
+
+
+def test_store_memory_maps_and_datasets_pickle_without_volumes(shards):
+    ds = SliceDataset(shards, [(A, z) for z in range(30)], labels=LABELS, image_size=16)
+    assert len(ds.store) == 0  # nothing opened in __init__
+    for i in range(len(ds)):
+        ds[i]
+    shard = ds.store.get(A)
+    assert isinstance(shard.volume, np.memmap) and isinstance(shard.ratio, np.memmap)
+    assert len(ds.store) == 1
+    # a memmap would pickle as a full copy (30 x 64 x 64 int16 = 245 kB); the store drops it
+    blob = pickle.dumps(ds)
+    assert len(blob) < 20_000
+    assert len(pickle.loads(blob).store) == 0
+    small = ShardStore(shards, max_open=1)
+    small.get(A), small.get(C)
+    assert len(small) == 1
+
+
+def _count_after_get(store, uid, queue):
+    store.get(uid)
+    queue.put(len(store))
+
+
+def test_store_reopens_in_a_forked_worker(shards):
+    store = ShardStore(shards)
+    store.get(A), store.get(C)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_count_after_get, args=(store, B, queue))  # fork: store not pickled
+    child.start()
+    opened_in_child = queue.get(timeout=30)
+    child.join(timeout=30)
+    assert opened_in_child == 1  # the parent's maps were dropped, only B opened there
+    assert len(store) == 2
+
+
+def test_slice_items_all_strided_subsampled_segmented(shards):
+    assert slice_items(shards, [A, B]) == [(A, z) for z in range(30)] + [(B, z) for z in range(20)]
+    assert slice_items(shards, [B], stride=7) == [(B, 0), (B, 7), (B, 14)]
+    assert [u for u, _ in slice_items(shards, [A, B, C], segmented_only=True)].count(B) == 0
+    draw = slice_items(shards, [A, C], per_study=5, rng=7)
+    assert len(draw) == 10 and draw == slice_items(shards, [A, C], per_study=5, rng=7)
+    a_z = [z for u, z in draw if u == A]
+    assert a_z == sorted(set(a_z)) and all(0 <= z < 30 for z in a_z)
+    assert draw != slice_items(shards, [A, C], per_study=5, rng=8)
+    assert len(slice_items(shards, [B], per_study=50)) == 20
+
+
+def test_dataloader_with_workers(shards):
+    items = slice_items(shards, [A, B, C], stride=3)
+    ds = SliceDataset(shards, items, labels=LABELS, image_size=32)
+    loader = DataLoader(ds, batch_size=8, num_workers=2, shuffle=False)
+    batches = list(loader)
+    assert sum(len(b["z"]) for b in batches) == len(items)
+    first = batches[0]
+    assert first["image"].shape == (8, 3, 32, 32) and first["fracture"].shape == (8, 7)
+    assert first["box_valid"].dtype == torch.bool and first["uid"][0] == A
+    torch.testing.assert_close(first["image"][3], ds[3]["image"])
+
+
+def test_study_labels_from_manifest():
+    df = pd.DataFrame({"study_uid": [A, B], **{t: [1, None] for t in TARGETS}})
+    labels = study_labels(df)
+    assert list(labels) == [A] and labels[A].dtype == np.float32 and labels[A].tolist() == [1.0] * 8
+
+
+# --- slice choice and crop -------------------------------------------------------------------
+
+def table_with(vertebra, values, start, n=40):
+    table = np.zeros((n, 7), np.float32)
+    table[start:start + len(values), vertebra] = values
+    return table
+
+
+def test_choose_slices_even_spacing_within_the_passing_slices():
+    idx, found = choose_slices(table_with(2, [1.0] * 10, 10), 2, length=2, smooth=1)
+    assert found and idx.dtype == np.int64
+    assert idx.tolist() == [10, 12, 14, 15, 17, 19]
+
+
+def test_choose_slices_threshold():
+    table = table_with(4, [0.2, 0.4, 0.4, 0.2, 0.5, 0.1], 5)
+    idx, found = choose_slices(table, 4, length=1, threshold=0.3, smooth=1)
+    assert found and idx.tolist() == [6, 7, 9]
+    idx, _ = choose_slices(table, 4, length=1, threshold=0.45, smooth=1)
+    assert idx.tolist() == [9, 9, 9]
+
+
+def test_choose_slices_duplicates_evenly_when_too_few():
+    idx, found = choose_slices(table_with(0, [1.0] * 5, 20), 0, length=8, smooth=1)
+    assert found and len(idx) == 24 and idx.tolist() == sorted(idx.tolist())
+    counts = np.bincount(idx)[20:25]
+    assert set(counts.tolist()) <= {4, 5} and counts.sum() == 24
+    idx, _ = choose_slices(table_with(0, [1.0] * 3, 20), 0, length=3, smooth=1)
+    assert idx.tolist() == [20, 20, 20, 21, 21, 21, 22, 22, 22]
+
+
+def test_choose_slices_smoothing():
+    spike = table_with(1, [1.0], 20)
+    assert choose_slices(spike, 1, length=1, smooth=1) == (pytest.approx([20, 20, 20]), True)
+    _, found = choose_slices(spike, 1, length=1, smooth=5)  # smoothed to 0.2 < 0.3
+    assert not found
+    gap = table_with(1, [1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1], 10)
+    idx, _ = choose_slices(gap, 1, length=11, smooth=1)
+    assert 15 not in idx
+    idx, _ = choose_slices(gap, 1, length=11, smooth=5)
+    assert 15 in idx and idx.min() >= 9 and idx.max() <= 21
+
+
+def test_choose_slices_fallback_near_the_peak():
+    faint = table_with(3, [0.05, 0.1, 0.2, 0.25, 0.2, 0.1, 0.05], 12)
+    idx, found = choose_slices(faint, 3, length=2, threshold=0.3, smooth=1)
+    assert not found and len(idx) == 6
+    assert set(idx.tolist()) == {14, 15, 16}  # the run at >= half the peak (0.125)
+
+
+def test_choose_slices_fallback_to_the_anatomical_position():
+    table = np.zeros((40, 7), np.float32)
+    table[7:14, 0] = 1.0   # C1 seen at 7..13
+    table[20:28, 5] = 1.0  # C6 seen at 20..27: cervical range 7..27, 21 slices, thirds of 3
+    idx, found = choose_slices(table, 3, length=2, smooth=1)
+    assert not found and set(idx.tolist()) == {16, 17, 18}
+    idx, found = choose_slices(np.zeros((14, 7)), 6, length=4)  # nothing cervical: whole study
+    assert not found and len(idx) == 12 and set(idx.tolist()) == {12, 13}
+
+
+def test_choose_slices_always_returns_3l_indices_in_range():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 50):
+        for length in (1, 4, 8):
+            table = rng.random((n, 7)) * rng.choice([0.0, 0.2, 1.0])
+            for v in range(7):
+                idx, _ = choose_slices(table, v, length)
+                assert idx.shape == (3 * length,) and idx.min() >= 0 and idx.max() < n
+                assert (np.diff(idx) >= 0).all()
+    with pytest.raises(ValueError):
+        choose_slices(np.zeros((5, 7)), 7, 2)
+
+
+def test_study_crop_box():
+    nan = [np.nan] * 4
+    boxes = np.array([nan, [0.4, 0.4, 0.6, 0.5], [0.45, 0.42, 0.55, 0.6], [0.0, 0.0, 1.0, 1.0]])
+    assert study_crop_box(boxes, [0, 0]) == (0.0, 0.0, 1.0, 1.0)
+    # union of the chosen rows only (row 3 not chosen), NaN ignored, margin 10 % per side
+    assert study_crop_box(boxes, [0, 1, 2, 2]) == pytest.approx((0.38, 0.38, 0.62, 0.62))
+    wide = np.array([[0.2, 0.4, 0.6, 0.5]])
+    assert study_crop_box(wide, [0], margin=0) == pytest.approx((0.2, 0.25, 0.6, 0.65))  # squared
+    corner = np.array([[0.0, 0.0, 0.2, 0.4]])
+    assert study_crop_box(corner, [0], margin=0) == pytest.approx((0.0, 0.0, 0.4, 0.4))  # shifted in
+    assert study_crop_box(np.array([[0.0, 0.3, 1.0, 0.5]]), [0]) == (0.0, 0.0, 1.0, 1.0)
+    assert box_to_pixels((0.38, 0.38, 0.62, 0.62), 64, 64) == (24, 40, 24, 40)
+    assert box_to_pixels((0.5, 0.5, 0.5, 0.5), 10, 10) == (5, 6, 5, 6)
+
+
+# --- sequences -------------------------------------------------------------------------------
+
+def test_sequence_samples_are_l_steps_of_three_chosen_slices(shards):
+    tables = shard_slice_tables(shards, [A, B, C])
+    assert set(tables) == {A, C} and tables[A].shape == (30, 11)
+    samples = [(A, v) for v in range(7)]
+    ds = VertebraSequenceDataset(shards, samples, tables, LABELS, length=4, crop_size=24,
+                                 windows=["bone", "soft"])
+    for i, (_, v) in enumerate(samples):
+        s = ds[i]
+        assert s["image"].shape == (4, 6, 24, 24) and s["image"].dtype == torch.float32
+        assert s["found"] and s["vertebra"] == v and float(s["label"]) == LABELS[A][v]
+        idx = s["indices"].numpy()
+        expected, _ = choose_slices(tables[A][:, :7], v, 4)
+        np.testing.assert_array_equal(idx, expected)
+        for step in range(4):
+            chosen = idx[3 * step:3 * step + 3]
+            # the crop keeps the air border out: every pixel is its slice's code
+            for c, z in enumerate(chosen):
+                torch.testing.assert_close(s["image"][step, c], torch.full((24, 24), bone(z)))
+            soft = apply_windows(np.array([slice_hu(z) for z in chosen], float), ["soft"])[0]
+            np.testing.assert_allclose(centre(s["image"][step, 3:]).numpy(), soft, atol=1e-6)
+        x0, y0, x1, y1 = s["box"].tolist()
+        assert 0 < x0 < x1 < 1 and x1 - x0 == pytest.approx(y1 - y0)
+
+
+def test_sequence_fallback_for_an_unseen_vertebra(shards):
+    table = np.zeros((20, 11), np.float32)
+    table[:, 7:] = np.nan
+    s = VertebraSequenceDataset(shards, [(B, 2)], {B: table}, None, length=2, crop_size=16)[0]
+    assert not s["found"] and "label" not in s and s["image"].shape == (2, 3, 16, 16)
+    assert s["box"].tolist() == [0.0, 0.0, 1.0, 1.0]
+    assert set(s["indices"].tolist()) <= {5, 6, 7, 8}  # part 3 of 7 of 20 slices
+    assert (s["image"][:, :, 0, 0] == 0).all()  # full image: the air border is in
+
+
+# --- volumes ---------------------------------------------------------------------------------
+
+def test_volume_dataset_shapes_and_labels(shards):
+    ds = VolumeDataset(shards, [A, B], LABELS, cube=16, windows=["bone", "soft"])
+    s = ds[1]
+    assert s["image"].shape == (2, 16, 16, 16) and s["image"].dtype == torch.float32
+    assert 0 <= s["image"].min() and s["image"].max() <= 1
+    assert s["uid"] == B and s["label"].tolist() == LABELS[B].tolist()
+    profile = s["image"][0, :, 8, 8]
+    assert (torch.diff(profile) > 0).all()  # head -> feet order kept
+
+
+def test_long_volumes_are_read_strided_and_still_cover_the_study():
+    vol = np.stack([np.full((8, 8), -450 + 15 * z, np.int16) for z in range(120)])  # bone: z / 120
+    cube = read_cube(vol, 8, ["bone"])
+    assert cube.shape == (1, 8, 8, 8)
+    profile = cube[0, :, 4, 4]
+    assert (torch.diff(profile) > 0).all()
+    assert profile[0] < 0.1 and profile[-1] > 0.85
+
+
+# --- augmentation ----------------------------------------------------------------------------
+
+ONLY = dict(hflip_p=0.0, brightness_contrast_p=0.0, affine_p=0.0, cutout_p=0.0)
+
+
+def rect_images(b, h=32, w=40):
+    x = torch.zeros(b, 1, h, w)
+    x[:, :, 8:16, 5:15] = 1.0
+    box = torch.tensor([[5 / w, 8 / h, 15 / w, 16 / h]]).repeat(b, 1)
+    return x, box
+
+
+def bright_box(image, h, w):
+    ys, xs = torch.nonzero(image > 0.5, as_tuple=True)
+    return torch.tensor([xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h])
+
+
+def test_augment_disabled_is_identity_and_shapes_are_kept():
+    x = torch.rand(3, 2, 4, 16, 16)
+    boxes = torch.rand(3, 4)
+    out, out_boxes = augment_batch(x, AugmentConfig(enabled=False), boxes=boxes)
+    assert torch.equal(out, x) and torch.equal(out_boxes, boxes)
+    out, out_boxes = augment_batch(x, AugmentConfig(), torch.Generator().manual_seed(0), boxes=boxes)
+    assert out.shape == x.shape and out_boxes.shape == (3, 4) and out.dtype == torch.float32
+    assert augment_batch(x[:, 0], AugmentConfig()).shape == (3, 4, 16, 16)
+    with pytest.raises(ValueError):
+        augment_batch(torch.rand(16, 16), AugmentConfig())
+
+
+def test_hflip_flips_image_and_boxes_consistently():
+    x, box = rect_images(2)
+    out, moved = augment_batch(x, AugmentConfig(**ONLY | {"hflip_p": 1.0}), boxes=box)
+    assert torch.equal(out, x.flip(-1))
+    torch.testing.assert_close(moved[0], torch.tensor([1 - 15 / 40, 8 / 32, 1 - 5 / 40, 16 / 32]))
+    torch.testing.assert_close(moved[0], bright_box(out[0, 0], 32, 40))
+
+
+def test_affine_moves_boxes_with_the_image():
+    x, box = rect_images(4)
+    cfg = AugmentConfig(**ONLY | {"affine_p": 1.0, "rotate": 0.0, "shift": 0.1, "scale": 0.2})
+    out, moved = augment_batch(x, cfg, torch.Generator().manual_seed(1), boxes=box)
+    for i in range(4):
+        torch.testing.assert_close(moved[i], bright_box(out[i, 0], 32, 40), atol=1.5 / 32, rtol=0)
+    cfg = AugmentConfig(**ONLY | {"affine_p": 1.0, "rotate": 40.0, "hflip_p": 0.5})
+    out, moved = augment_batch(x, cfg, torch.Generator().manual_seed(2), boxes=box)
+    for i in range(4):  # a rotated rectangle's extreme points are its corners
+        torch.testing.assert_close(moved[i], bright_box(out[i, 0], 32, 40), atol=1.5 / 32, rtol=0)
+    x = torch.zeros(8, 1, 32, 40)
+    x[:, :, 4:12, 2:12] = 1.0  # near the top-left corner: large shifts push it out
+    box = torch.tensor([[2 / 40, 4 / 32, 12 / 40, 12 / 32]]).repeat(8, 1)
+    cfg = AugmentConfig(**ONLY | {"affine_p": 1.0, "rotate": 0.0, "scale": 0.0, "shift": 0.3})
+    out, moved = augment_batch(x, cfg, torch.Generator().manual_seed(4), boxes=box)
+    assert (moved >= 0).all() and (moved <= 1).all()
+    for i in range(8):
+        torch.testing.assert_close(moved[i], bright_box(out[i, 0], 32, 40), atol=1.5 / 32, rtol=0)
+    nan_box = torch.full((8, 4), float("nan"))
+    assert augment_batch(x, cfg, boxes=nan_box)[1].isnan().all()
+
+
+def test_rotation_is_rigid_on_non_square_images():
+    x = torch.zeros(8, 1, 48, 64)
+    x[:, :, 18:30, 26:38] = 1.0
+    cfg = AugmentConfig(**ONLY | {"affine_p": 1.0, "rotate": 45.0, "scale": 0.0, "shift": 0.0})
+    out = augment_batch(x, cfg, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out.sum(dim=(1, 2, 3)), x.sum(dim=(1, 2, 3)), rtol=0.03, atol=0)
+    assert not torch.allclose(out, x)
+
+
+def test_same_transform_for_all_steps_and_different_across_samples():
+    one = torch.rand(1, 1, 3, 24, 24).repeat(4, 5, 1, 1, 1)  # 4 identical samples of 5 identical steps
+    cfg = AugmentConfig(hflip_p=0.5, brightness_contrast_p=1.0, affine_p=1.0, cutout_p=1.0)
+    out = augment_batch(one, cfg, torch.Generator().manual_seed(3))
+    assert out.shape == (4, 5, 3, 24, 24)
+    for i in range(4):
+        for step in range(1, 5):
+            assert torch.equal(out[i, step], out[i, 0])
+    assert not torch.allclose(out[0], out[1]) and not torch.allclose(out[2], out[3])
+
+
+def test_augment_is_deterministic_with_a_seeded_generator():
+    x = torch.rand(6, 3, 20, 20)
+    boxes = torch.tensor([[0.2, 0.2, 0.6, 0.7]]).repeat(6, 1)
+    cfg = AugmentConfig(brightness_contrast_p=1.0, affine_p=1.0, cutout_p=1.0)
+    a = augment_batch(x, cfg, torch.Generator().manual_seed(5), boxes=boxes)
+    b = augment_batch(x, cfg, torch.Generator().manual_seed(5), boxes=boxes)
+    c = augment_batch(x, cfg, torch.Generator().manual_seed(6), boxes=boxes)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+
+
+def test_augment_config_is_checked():
+    assert from_dict(AugmentConfig, {"hflip_p": 1.0, "rotate": 10}).rotate == 10.0
+    with pytest.raises(ConfigError, match="hflip_p"):
+        from_dict(AugmentConfig, {"hflip_p": 1.5})
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_dict(AugmentConfig, {"flip": 0.5})
