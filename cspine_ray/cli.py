@@ -17,6 +17,10 @@ STEPS = {
     "synth": ("cspine_ray.synth.cli", "generate a synthetic RSNA-layout demo dataset"),
     "preprocess": ("cspine_ray.preprocess.cli", "DICOM studies -> sharded dataset (Ray Data)"),
     "score": ("cspine_ray.metric", "score a submission CSV against labels"),
+    "train": ("cspine_ray.train.cli", "fold-parallel training on Ray Train"),
+    "tune": ("cspine_ray.tune.cli", "search families and hyperparameters (Ray Tune + Optuna + MLflow)"),
+    "promote": ("cspine_ray.promote", "register the best ensemble; move @champion if it wins"),
+    "predict": ("cspine_ray.predict.cli", "predict new studies with a registered ensemble (Ray Data)"),
 }
 
 

@@ -62,6 +62,9 @@ def _run_tasks(items: list[dict], cfg: PreprocessConfig, out: Path, verify: bool
 
     if not items:
         return []
+    # One map operator fed by an input buffer: Ray Data's per-operator reservation would hold
+    # back half of a small cluster's CPUs for the buffer, so share all of them instead.
+    ray.data.DataContext.get_current().op_resource_reservation_enabled = False
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map(
         process_study,

@@ -63,7 +63,12 @@ class Stage1Config:
     batch_size: int = 64
     lr: float = 1e-4
     slices_per_study: int = 64
+    ratio_loss: str = "bce"     # the thesis used "l1"; BCE on the soft ratio trains much faster
     model: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.ratio_loss not in ("bce", "l1"):
+            raise ValueError(f"stage1.ratio_loss must be 'bce' or 'l1', got {self.ratio_loss!r}")
 
 
 @dataclass
@@ -139,6 +144,9 @@ class TrainConfig:
             d.pop("sequence")
         if not self.needs_stage1:
             d.pop("stage1")
+        if self.family == "cnn3d":  # no timm backbone in the 3D CNN
+            for k in ("backbone", "pretrained"):
+                d.pop(k)
         d["manifest"] = manifest_hash
         return _digest(d)
 

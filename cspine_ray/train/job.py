@@ -34,9 +34,10 @@ from cspine_ray.config import from_dict, to_dict
 from cspine_ray.metric import evaluate
 from cspine_ray.preprocess.manifest import manifest_hash, read_manifest
 from cspine_ray.train.config import TrainConfig
-from cspine_ray.train.loop import fold_file, torch_load, train_loop_per_worker
+from cspine_ray.train.loop import fold_file, summarize_folds, torch_load, train_loop_per_worker
 from cspine_ray.train.tasks import JobData, make_task
-from cspine_ray.train.tasks.base import SLICE_TABLES, save_slice_tables, to_targets
+from cspine_ray.train.tasks.base import (SLICE_TABLES, save_slice_tables, score_predictions,
+                                        to_targets)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class TrainResult:
     path: Path
     info: dict
     config: TrainConfig
+    reused: bool = False  # True when an earlier job's result served this request
 
     @property
     def family(self) -> str:
@@ -79,12 +81,20 @@ def load_result(path: str | Path) -> TrainResult:
 
 
 def evaluate_result(result: TrainResult, shards_dir: str | Path, top_n: int | None) -> dict[str, float]:
-    """OOF figures under the top-N rule: competition metric, its global variant and the AUCs."""
+    """A result's figures under the top-N rule, from its out-of-fold predictions.
+
+    cv_<name> and fold_<k>_<name> are per-fold figures and their mean (as during training);
+    oof_<name> pools all studies (the competition metric, its global variant, the AUCs).
+    """
     data = JobData.load(shards_dir)
-    preds = result.oof_targets(top_n)
+    oof = result.oof().set_index("study_uid")
+    per_fold = {int(k): score_predictions(part.drop(columns="fold"), data, top_n)
+                for k, part in oof.groupby("fold")}
+    preds = to_targets(oof, top_n)
     labels = pd.DataFrame([data.labels[u] for u in preds.index], index=preds.index,
                           columns=list(TARGETS))
-    return {f"oof_{k}": v for k, v in evaluate(labels, preds).items()}
+    return {**summarize_folds(per_fold),
+            **{f"oof_{k}": v for k, v in evaluate(labels, preds).items()}}
 
 
 @contextlib.contextmanager
@@ -174,25 +184,41 @@ def _export(task_name: str, cfg: TrainConfig, checkpoint, out: Path, n_folds: in
         raise
 
 
+def result_folder(storage: str | Path, task_name: str, key: str) -> Path:
+    """Where the finished result of `task_name` under `key` lives."""
+    storage = Path(storage).resolve()
+    if task_name == "locator":
+        return storage / "stage1" / key
+    return storage / "results" / f"{task_name}-{key}"
+
+
 def run_task(task_name: str, cfg: TrainConfig, shards_dir: str | Path, storage: str | Path,
              key: str, stage1_dir: Path | None = None, callbacks: list | None = None,
              reuse: bool = True) -> TrainResult:
     """Train `task_name` on every fold (or reuse the finished result stored under `key`)."""
     shards_dir, storage = Path(shards_dir).resolve(), Path(storage).resolve()
-    kind = "stage1" if task_name == "locator" else "results"
-    out = storage / kind / (key if kind == "stage1" else f"{task_name}-{key}")
+    out = result_folder(storage, task_name, key)
     with _lock(storage / "locks" / f"{out.name}.lock"):
         if reuse and (out / RESULT).exists():
             log.info("%s: reusing the finished result %s", task_name, out)
-            return load_result(out)
+            result = load_result(out)
+            result.reused = True
+            return result
         data = JobData.load(shards_dir, stage1_dir)
         if data.n_folds < 2:
             raise ValueError(f"{shards_dir}: training needs at least 2 folds of usable studies")
-        model_name, model_kwargs = make_task(task_name, cfg, data).model_spec()
+        task = make_task(task_name, cfg, data)
+        for fold in range(data.n_folds):  # fail here, not in every worker after Ray retries
+            if not task.split(fold)[0]:
+                raise ValueError(f"{task_name}: fold {fold} has no training studies"
+                                 + (" (stage 1 needs segmented studies in at least two folds)"
+                                    if task_name == "locator" else ""))
+        model_name, model_kwargs = task.model_spec()
         log.info("%s: training %d folds (key %s)", task_name, data.n_folds, key)
         result = _fit(task_name, cfg, shards_dir, storage, f"{task_name}-{key}", data.n_folds,
                       stage1_dir, callbacks or [])
         info = {"key": key, "manifest_hash": manifest_hash(read_manifest(shards_dir)),
+                "prior": data.prior(data.uids).tolist(),  # the fallback for unreadable studies
                 "shards_dir": str(shards_dir), "model": {"name": model_name, "kwargs": model_kwargs},
                 "stage1_dir": str(stage1_dir) if stage1_dir else None}
         _export(task_name, cfg, result.checkpoint, out, data.n_folds, info)

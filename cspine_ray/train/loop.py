@@ -149,6 +149,15 @@ def _device() -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs every report's full metrics dict at INFO (50+ keys per epoch per worker)."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 class _Exchange:
     """All-gather of small Python objects between the workers (gloo, whatever the GPU backend)."""
 
@@ -171,17 +180,23 @@ class _Exchange:
         return merged
 
 
-def epoch_report(epoch: int, per_fold: dict[int, dict], best_cv: float, best_epoch: int) -> dict:
-    """The figures every worker reports: the CV mean of each fold figure, and each fold's own."""
+def summarize_folds(per_fold: dict[int, dict]) -> dict[str, float]:
+    """Each fold figure's CV mean (cv_<name>, NaN folds skipped) and every fold's own value."""
     keys = sorted({k for m in per_fold.values() for k in m})
-    report = {"epoch": epoch + 1, "best_cv_metric": best_cv, "best_epoch": best_epoch + 1}
+    out = {}
     for key in keys:
         values = [per_fold[f].get(key, math.nan) for f in sorted(per_fold)]
         finite = [v for v in values if v == v]
-        report[f"cv_{key}"] = float(np.mean(finite)) if finite else math.nan
+        out[f"cv_{key}"] = float(np.mean(finite)) if finite else math.nan
         for f in sorted(per_fold):
-            report[f"fold_{f}_{key}"] = float(per_fold[f].get(key, math.nan))
-    return report
+            out[f"fold_{f}_{key}"] = float(per_fold[f].get(key, math.nan))
+    return out
+
+
+def epoch_report(epoch: int, per_fold: dict[int, dict], best_cv: float, best_epoch: int) -> dict:
+    """The figures every worker reports after an epoch (cv_metric is the one searches use)."""
+    return {"epoch": epoch + 1, "best_cv_metric": best_cv, "best_epoch": best_epoch + 1,
+            **summarize_folds(per_fold)}
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -189,6 +204,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
 
     torch.set_num_threads(max(1, int(config["job"].get("threads", 1))))
+    _quiet_ray_train_reports()
     cfg = from_dict(TrainConfig, config["train"])
     job = config["job"]
     data = JobData.load(job["shards_dir"], job.get("stage1_dir"))

@@ -50,8 +50,12 @@ class LocatorTask(SliceTask):
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
         image, box = augment_batch(batch["image"], self.cfg.augment, generator, boxes=batch["box"])
         ratio_logits, box_logits = split_locator_outputs(model(image))
-        # thesis: L1 on the ratio; L1 on the box where the slice shows a vertebra
-        loss = F.l1_loss(torch.sigmoid(ratio_logits.float()), batch["ratio"])
+        # thesis: L1 on the ratio; L1 on the box where the slice shows a vertebra. With mostly
+        # zero ratio targets L1's optimum is "predict 0", so BCE on the soft ratio is the default.
+        if self.cfg.stage1.ratio_loss == "bce":
+            loss = F.binary_cross_entropy_with_logits(ratio_logits.float(), batch["ratio"])
+        else:
+            loss = F.l1_loss(torch.sigmoid(ratio_logits.float()), batch["ratio"])
         valid = batch["box_valid"]
         if valid.any():
             loss = loss + F.l1_loss(torch.sigmoid(box_logits.float())[valid], box[valid])

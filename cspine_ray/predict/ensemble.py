@@ -1,0 +1,97 @@
+"""A finished training result as one predictor: its fold models averaged, stage 1 included.
+
+    ensemble = Ensemble.load(result_dir)            # stage-1 folder found from the result
+    targets, tables = ensemble.predict(shards_dir, uids)
+
+Study probabilities are the mean of the fold models' (as the thesis averages its 5 folds);
+patient_overall follows the result's top-N rule (or the one given). The two-stage and 2D
+families first run the stage-1 fold models (their slice tables averaged) on the same shards.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from cspine_ray import TARGETS
+from cspine_ray.models import create_model
+from cspine_ray.train.job import TrainResult, load_result
+from cspine_ray.train.tasks import JobData, make_task
+from cspine_ray.train.tasks.base import to_targets
+
+log = logging.getLogger(__name__)
+
+
+def load_fold_models(result: TrainResult, device: torch.device) -> list[nn.Module]:
+    """Every fold's best-epoch model, built from the stored spec (never downloading weights)."""
+    spec = result.info["model"]
+    models = []
+    for fold in range(result.n_folds):
+        model = create_model(spec["name"], **dict(spec["kwargs"], pretrained=False))
+        model.load_state_dict(result.fold_weights(fold))
+        models.append(model.to(device).eval())
+    return models
+
+
+@dataclass
+class Ensemble:
+    result: TrainResult
+    models: list[nn.Module]
+    stage1: TrainResult | None
+    stage1_models: list[nn.Module]
+    top_n: int | None
+    device: torch.device
+
+    @classmethod
+    def load(cls, result_dir: str | Path, stage1_dir: str | Path | None = None,
+             top_n: int | None = None, device: str | torch.device | None = None) -> Ensemble:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        result = load_result(result_dir)
+        stage1 = None
+        if result.config.needs_stage1:
+            stage1 = load_result(stage1_dir or result.info["stage1_dir"])
+        return cls(
+            result=result, models=load_fold_models(result, device), stage1=stage1,
+            stage1_models=load_fold_models(stage1, device) if stage1 else [],
+            top_n=top_n if top_n is not None else result.config.effective_top_n, device=device,
+        )
+
+    @property
+    def prior(self) -> np.ndarray:
+        """Training prevalence of each target: the answer for a study that cannot be read."""
+        return np.asarray(self.result.info["prior"], dtype=np.float64)
+
+    def _data(self, shards_dir: str | Path, uids: list[str], tables: dict) -> JobData:
+        return JobData(shards_dir=str(shards_dir), uids=list(uids), folds={u: 0 for u in uids},
+                       labels={}, segmented=set(), slice_tables=tables)
+
+    @torch.no_grad()
+    def slice_tables(self, shards_dir: str | Path, uids: list[str]) -> dict[str, np.ndarray]:
+        """Stage-1 ratio + box per slice, averaged over the stage-1 fold models."""
+        if not self.stage1_models:
+            return {}
+        task = make_task("locator", self.stage1.config, self._data(shards_dir, uids, {}))
+        runs = [task.predict_tables(m, uids, self.device) for m in self.stage1_models]
+        return {u: np.mean([r[u] for r in runs], axis=0).astype(np.float32) for u in uids}
+
+    @torch.no_grad()
+    def predict(self, shards_dir: str | Path, uids: list[str]) -> tuple[pd.DataFrame, dict]:
+        """(index study_uid x TARGETS probabilities, stage-1 slice tables) for sharded studies."""
+        uids = list(uids)
+        tables = self.slice_tables(shards_dir, uids)
+        task = make_task(self.result.family, self.result.config, self._data(shards_dir, uids, tables))
+        kwargs = {"prior": self.prior} if self.result.family == "two_stage" else {}
+        folds = [task.predict(m, uids, self.device, **kwargs) for m in self.models]
+        mean = sum(f.loc[uids] for f in folds) / len(folds)
+        return to_targets(mean, self.top_n), tables
+
+    def prior_row(self) -> pd.Series:
+        return pd.Series(self.prior, index=list(TARGETS))
+
+

@@ -1,0 +1,72 @@
+"""What `predict` is given, and turning each new study into a shard the same way training did.
+
+Input forms: an RSNA-layout root (its test_images/), a folder of study folders, or one study
+folder (a folder holding .dcm files). Study folders become work items named by the folder; a
+study that cannot be read is reported with its reason and answered with the training prior.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from cspine_ray.io.errors import StudyError
+from cspine_ray.preprocess.config import PreprocessConfig
+from cspine_ray.preprocess.study import build_shard, source_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+def _has_dicom(folder: Path) -> bool:
+    with os.scandir(folder) as entries:
+        return any(e.is_file() and e.name.lower().endswith(".dcm") for e in entries)
+
+
+def discover_studies(root: str | Path) -> list[dict]:
+    """[{"study_uid", "study_dir"}] for every study folder under `root`, sorted by name."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a folder")
+    if (root / "test_images").is_dir():
+        root = root / "test_images"
+    if _has_dicom(root):
+        folders = [root]
+    else:
+        folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise FileNotFoundError(f"{root} holds no study folders (nor .dcm files)")
+    return [{"study_uid": f.name, "study_dir": str(f.resolve())} for f in folders]
+
+
+def shard_study(item: dict, cfg: PreprocessConfig, work_dir: str) -> dict:
+    """Shard one new study into work_dir/studies/<index>; never raises for bad input."""
+    studies = Path(work_dir) / "studies"
+    studies.mkdir(parents=True, exist_ok=True)
+    # shards are named by position ("0.<index>", a plain dotted number), never by the
+    # user-given folder name
+    final = studies / f"0.{int(item['index'])}"
+    row = {**item, "shard": final.name, "status": "ok", "reason": "", "warnings": ""}
+    try:
+        if final.exists():
+            shutil.rmtree(final)
+        work = {"study_uid": item["study_uid"], "split": "test", "image_dir": item["study_dir"],
+                "segmentation": "", "fracture_boxes": "[]"}
+        meta = build_shard(work, cfg, final, source_fingerprint(work))
+        row["warnings"] = "; ".join(meta["warnings"])
+    except StudyError as e:
+        row.update(status="failed", reason=e.problem)
+    except Exception as e:  # an unreadable study must not stop the batch
+        log.exception("study %s: unexpected error", item["study_uid"])
+        row.update(status="failed", reason=f"unexpected {type(e).__name__}: {e}")
+    if row["status"] == "failed":
+        log.warning("study %s: %s (answered with the training prior)", item["study_uid"], row["reason"])
+    return row
+
+
+def load_preprocess_config(path: str | Path) -> PreprocessConfig:
+    from cspine_ray.config import from_dict
+
+    return from_dict(PreprocessConfig, json.loads(Path(path).read_text())["config"])

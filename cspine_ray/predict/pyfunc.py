@@ -1,0 +1,107 @@
+"""The promoted ensemble as an `mlflow.pyfunc` model: fold models + stage 1 + preprocessing.
+
+A bundle folder (logged as the model's artifact) holds:
+
+    result/   result.json, config.yaml, fold_<k>.pt   (the family's fold models)
+    stage1/   the same for the stage-1 locator (families that have one)
+    preprocess.json                                   (the shard settings training used)
+    model.json                                        (family, top_n, cv_metric, run id)
+
+`predict(DataFrame with a "study_dir" column)` shards each study exactly as training did and
+returns C1..C7 + patient_overall per study; a study that cannot be read gets the training
+prior and its reason in the `reason` column, never an exception.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlflow.pyfunc
+import pandas as pd
+
+from cspine_ray import TARGETS
+
+KEEP = ("result.json", "config.yaml")
+
+
+def make_bundle(result_dir: str | Path, stage1_dir: str | Path | None, shards_dir: str | Path,
+                out: Path, info: dict) -> Path:
+    """Copy what inference needs (no training-set predictions) into `out`."""
+    for name, source in (("result", result_dir), ("stage1", stage1_dir)):
+        if not source:
+            continue
+        target = out / name
+        target.mkdir(parents=True)
+        for f in Path(source).iterdir():
+            if f.name in KEEP or (f.name.startswith("fold_") and f.suffix == ".pt"):
+                shutil.copy2(f, target / f.name)
+    shutil.copy2(Path(shards_dir) / "preprocess.json", out / "preprocess.json")
+    (out / "model.json").write_text(json.dumps(info, indent=1))
+    return out
+
+
+class EnsembleModel(mlflow.pyfunc.PythonModel):
+    """MLflow wrapper around `cspine_ray.predict.ensemble.Ensemble`."""
+
+    def load_context(self, context):
+        from cspine_ray.predict.ensemble import Ensemble
+        from cspine_ray.predict.inputs import load_preprocess_config
+
+        bundle = Path(context.artifacts["bundle"])
+        self.info = json.loads((bundle / "model.json").read_text())
+        stage1 = bundle / "stage1"
+        self.ensemble = Ensemble.load(bundle / "result", stage1 if stage1.exists() else None,
+                                      top_n=self.info.get("top_n"))
+        self.preprocess = load_preprocess_config(bundle / "preprocess.json")
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        from cspine_ray.predict.inputs import shard_study
+
+        items = [{"study_uid": str(r.get("study_uid") or Path(r["study_dir"]).name),
+                  "study_dir": str(r["study_dir"]), "index": i}
+                 for i, r in enumerate(model_input.to_dict("records"))]
+        with tempfile.TemporaryDirectory(prefix="cspine-predict-") as work:
+            rows = [shard_study(item, self.preprocess, work) for item in items]
+            return predict_sharded(self.ensemble, work, rows)
+
+
+def predict_sharded(ensemble, work_dir: str, rows: list[dict],
+                    report_dir: str | None = None) -> pd.DataFrame:
+    """Probabilities for sharded rows (from `shard_study`); failed ones get the prior.
+
+    With `report_dir`, each readable study also gets a PNG: its sagittal view with the
+    predicted level of every vertebra and the eight probabilities.
+    """
+    ok = [r for r in rows if r["status"] == "ok"]
+    probs = pd.DataFrame(columns=list(TARGETS), dtype=float)
+    tables: dict = {}
+    if ok:
+        probs, tables = ensemble.predict(work_dir, [r["shard"] for r in ok])
+    out = []
+    for r in rows:
+        values = probs.loc[r["shard"]] if r["status"] == "ok" else ensemble.prior_row()
+        out.append({"study_uid": r["study_uid"], **{t: float(values[t]) for t in TARGETS},
+                    "status": r["status"], "reason": r["reason"], "warnings": r.get("warnings", "")})
+        if report_dir and r["status"] == "ok":
+            write_report(Path(work_dir) / "studies" / r["shard"], r["study_uid"],
+                         values.to_numpy(dtype=float), tables.get(r["shard"]), Path(report_dir))
+    return pd.DataFrame(out)
+
+
+def safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name).strip(".") or "study"
+
+
+def write_report(shard_dir: Path, study: str, probs, table, report_dir: Path) -> Path:
+    from cspine_ray.figures import sagittal_figure, save
+    from cspine_ray.preprocess.shards import open_shard
+
+    report_dir.mkdir(parents=True, exist_ok=True)
+    shard = open_shard(shard_dir)
+    path = report_dir / f"{safe_name(study)}.png"
+    save(sagittal_figure(shard.volume, shard.spacing, probs, table,
+                         title=f"{study}: patient_overall {probs[-1]:.2f}"), path)
+    return path

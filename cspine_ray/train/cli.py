@@ -1,0 +1,57 @@
+"""`python -m cspine_ray.train --config FILE --shards DIR`: one fold-parallel training job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from cspine_ray.config import from_dict, load_yaml
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file with TrainConfig keys (default: thesis settings)")
+    parser.add_argument("--shards", required=True, help="preprocessed shard folder (with manifest)")
+    parser.add_argument("--storage", default="runs",
+                        help="where checkpoints and results go (shared storage on a cluster)")
+    parser.add_argument("--family", help="override the config's family")
+    parser.add_argument("--epochs", type=int, help="override optim.epochs")
+    parser.add_argument("--num-workers", type=int,
+                        help="Ray Train workers (default: one per fold; 0 = in-process)")
+    parser.add_argument("--gpus-per-worker", type=float, help="e.g. 0.8 runs 5 folds on 4 GPUs")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="start from pretrained timm weights (needs them downloaded or cached)")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    parser.add_argument("--no-reuse", action="store_true", help="retrain even if a result exists")
+
+
+def config_from_args(args: argparse.Namespace):
+    from cspine_ray.train.config import TrainConfig
+
+    data = load_yaml(args.config) if args.config else {}
+    if args.family:
+        data["family"] = args.family
+    if args.epochs is not None:
+        data.setdefault("optim", {})["epochs"] = args.epochs
+    if args.num_workers is not None:
+        data.setdefault("resources", {})["num_workers"] = args.num_workers
+    if args.gpus_per_worker is not None:
+        data.setdefault("resources", {})["gpus_per_worker"] = args.gpus_per_worker
+    if args.pretrained:
+        data["pretrained"] = True
+    return from_dict(TrainConfig, data)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cspine_ray.runtime import init_ray
+    from cspine_ray.train.job import evaluate_result, train
+
+    cfg = config_from_args(args)
+    init_ray(address=args.address)
+    result = train(cfg, args.shards, args.storage, reuse=not args.no_reuse)
+    figures = evaluate_result(result, args.shards, cfg.effective_top_n)
+    print(f"{cfg.family}: CV metric {result.info['cv_metric']:.4f} at epoch {result.info['best_epoch']}"
+          f" (mean of {result.n_folds} folds); out-of-fold metric {figures['oof_metric']:.4f},"
+          f" mean AUC {figures['oof_auc_mean']:.3f}")
+    print(json.dumps(figures, indent=1))
+    print(f"result: {result.path}")
+    return 0

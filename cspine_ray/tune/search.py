@@ -1,0 +1,143 @@
+"""A search: Ray Tune + Optuna (seeded TPE) + ASHA over fold-parallel training jobs, tracked in MLflow."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cspine_ray.tune.space import SearchSpace, build_config, DefineByRun, is_param
+from cspine_ray.tune.tracking import MlflowTracker
+from cspine_ray.tune.trial import TrialSetup, run_trial
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SearchOptions:
+    space: SearchSpace
+    space_file: Path
+    shards_dir: Path
+    storage: Path
+    tracking_uri: str
+    experiment: str
+    trials: int | None = None
+    resume: str | None = None        # "" = the latest search of this space; a name = that one
+    gpus_per_trial: float = 0.0
+    cpus_per_worker: float = 1.0
+    seed: int = 0
+    pretrained: bool = False
+    overrides: dict | None = None    # TrainConfig values forced on every trial (tests, tiny runs)
+
+
+def max_epochs(space: SearchSpace) -> int:
+    """The most epochs any trial of the space can train (ASHA's max_t, less the final report)."""
+    best = 1
+    for family in space.families():
+        params = space.fixed_and_sampled(family)
+        spec = params.get("optim.epochs")
+        if is_param(spec):
+            best = max(best, max(spec["choices"]) if spec["type"] == "categorical" else spec["high"])
+        else:
+            values = {"family": family} if spec is None else {"family": family, "optim.epochs": spec}
+            best = max(best, build_config(space.base, values).optim.epochs)
+    return int(best)
+
+
+def concurrency(space: SearchSpace, n_folds: int, opts: SearchOptions) -> int:
+    """Trials at once: what the cluster holds, each trial needing its fold workers' resources."""
+    import ray
+
+    resources = ray.cluster_resources()
+    workers = (opts.overrides or {}).get("resources.num_workers") or n_folds
+    if opts.gpus_per_trial > 0:
+        fits = resources.get("GPU", 0) / opts.gpus_per_trial
+    else:
+        fits = resources.get("CPU", 1) / max(workers * opts.cpus_per_worker, 1e-9)
+    fits = max(1, math.floor(fits + 1e-9))
+    if space.budget.max_concurrent:
+        fits = min(fits, space.budget.max_concurrent)
+    return fits
+
+
+def search_name(opts: SearchOptions) -> str:
+    root = opts.storage / "tune"
+    if opts.resume is None:
+        return f"{opts.space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if opts.resume:
+        return opts.resume
+    previous = sorted(p.name for p in root.glob(f"{opts.space.name}-*") if p.is_dir())
+    if not previous:
+        raise FileNotFoundError(f"--resume: no earlier search of {opts.space.name} under {root}")
+    return previous[-1]
+
+
+def run_search(opts: SearchOptions):
+    """Run (or resume) the search; returns (search name, ResultGrid)."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from cspine_ray.preprocess.manifest import read_manifest, usable
+
+    space = opts.space
+    storage = opts.storage.resolve()
+    manifest = usable(read_manifest(opts.shards_dir))
+    n_folds = int(manifest["fold"].max()) + 1
+    name = search_name(opts)
+    path = storage / "tune" / name
+    n_workers = (opts.overrides or {}).get("resources.num_workers") or n_folds
+    setup = TrialSetup(base=space.base, shards_dir=str(opts.shards_dir.resolve()),
+                       storage=str(storage),
+                       gpus_per_worker=opts.gpus_per_trial / max(n_workers, 1),
+                       cpus_per_worker=opts.cpus_per_worker, pretrained=opts.pretrained,
+                       overrides=dict(opts.overrides or {}))
+    # The trial function only drives a TorchTrainer: it must hold no CPU the fold workers need
+    # (Tune refuses an empty request, so it asks for a token amount of memory instead).
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
+                                    {"memory": 64 * 2**20})
+
+    if opts.resume is not None:
+        if not tune.Tuner.can_restore(str(path)):
+            raise FileNotFoundError(f"--resume: {path} holds no search to resume")
+        log.info("resuming search %s", path)
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        trials = opts.trials or space.budget.trials
+        searcher = OptunaSearch(space=DefineByRun(space), metric="cv_metric", mode="min",
+                                sampler=optuna.samplers.TPESampler(seed=opts.seed))
+        asha = space.budget.asha
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_epochs(space) + 1,
+                                  grace_period=asha.grace_period,
+                                  reduction_factor=asha.reduction_factor) if asha else None
+        tracker = MlflowTracker(
+            tracking_uri=opts.tracking_uri, experiment=opts.experiment, search_id=name,
+            space_file=str(opts.space_file), shards_dir=str(opts.shards_dir.resolve()),
+            artifact_root=str(storage / "mlartifacts") if opts.tracking_uri.startswith("sqlite") else None,
+            search_params={"space": space.name, "trials": trials, "seed": opts.seed,
+                           "shards_dir": str(opts.shards_dir.resolve()), "folds": n_folds,
+                           "gpus_per_trial": opts.gpus_per_trial},
+        )
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,
+                                        metric="cv_metric", mode="min",
+                                        max_concurrent_trials=concurrency(space, n_folds, opts)),
+            run_config=tune.RunConfig(name=name, storage_path=str(storage / "tune"),
+                                      callbacks=[tracker], verbose=1),
+        )
+    return name, tuner.fit()
+
+
+def final_results(grid) -> list[dict]:
+    """The trials that finished (not stopped early, not failed), best first."""
+    rows = []
+    for result in grid:
+        m = result.metrics or {}
+        if result.error is None and m.get("final"):
+            rows.append({**m, "config": result.config})
+    return sorted(rows, key=lambda m: m["cv_metric"])

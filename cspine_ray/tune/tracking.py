@@ -1,0 +1,263 @@
+"""MLflow tracking of a search, from the Tune driver (the only process that must reach MLflow).
+
+One experiment per search; a parent run for the search itself; one child run per trial with its
+parameters, tags, per-epoch metrics and, when it finishes, its artifacts: out-of-fold
+predictions, ROC and calibration figures, a few sagittal views with predicted levels and the
+resolved config. Study UIDs appear in the predictions table only; no DICOM patient attribute
+(name, ID, dates) is ever read into a run.
+
+A resumed search finds its runs again by tags (`search_id`, `ray_trial_id`) instead of
+creating duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from ray.tune import Callback
+
+import cspine_ray
+
+log = logging.getLogger(__name__)
+
+# Tune bookkeeping that is not worth a metric
+_SKIP = {"training_iteration", "timestamp", "time_this_iter_s", "time_total_s", "pid",
+         "time_since_restore", "iterations_since_restore", "checkpoint_dir_name"}
+
+
+def code_version() -> str:
+    """Package version plus the git commit of the checkout it runs from, when there is one."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=5, cwd=Path(cspine_ray.__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{cspine_ray.__version__}+{commit}" if commit else cspine_ray.__version__
+
+
+def sqlite_uri(path: str | Path) -> str:
+    return f"sqlite:///{Path(path).resolve()}"
+
+
+def get_or_create_experiment(client, name: str, artifact_root: Path | None) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = artifact_root.resolve().joinpath(name).as_uri() if artifact_root else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def numeric_metrics(result: dict) -> dict[str, float]:
+    out = {}
+    for key, value in result.items():
+        if key in _SKIP or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if math.isfinite(value):
+            out[key] = float(value)
+    return out
+
+
+def trial_artifacts(result_dir: str, shards_dir: str, top_n: int | None, out: Path,
+                    n_views: int = 3) -> None:
+    """Write a finished trial's artifacts into `out` (predictions, figures, config)."""
+    import pandas as pd
+
+    from cspine_ray.figures import calibration_figure, roc_figure, sagittal_figure, save
+    from cspine_ray.preprocess.shards import open_shard
+    from cspine_ray.train.job import load_result
+    from cspine_ray.train.tasks import JobData
+    from cspine_ray.train.tasks.base import SLICE_TABLES, load_slice_tables
+
+    result = load_result(result_dir)
+    data = JobData.load(shards_dir)
+    oof = result.oof().set_index("study_uid")
+    preds = result.oof_targets(top_n)
+    labels = np.stack([data.labels[u] for u in preds.index])
+    table = preds.assign(fold=oof["fold"]).reset_index()
+    table.to_csv(out / "oof_predictions.csv", index=False)
+    save(roc_figure(labels, preds.to_numpy()), out / "roc.png")
+    save(calibration_figure(labels, preds.to_numpy()), out / "calibration.png")
+    (out / "config.yaml").write_text((Path(result_dir) / "config.yaml").read_text())
+    (out / "history.json").write_text(json.dumps(result.info["history"], indent=1, default=float))
+
+    tables = {}
+    if result.info.get("stage1_dir"):
+        tables = load_slice_tables(Path(result.info["stage1_dir"]) / SLICE_TABLES)
+    # a caught fracture, a missed one and a confident negative: what reviewers ask to see
+    p, y = preds["patient_overall"], pd.Series(labels[:, -1], index=preds.index)
+    picks = []
+    for candidates, ascending in ((p[y == 1], False), (p[y == 1], True), (p[y == 0], True)):
+        for uid in candidates.sort_values(ascending=ascending).index:
+            if uid not in picks:
+                picks.append(uid)
+                break
+    views = out / "sagittal"
+    views.mkdir()
+    for i, uid in enumerate(picks[:n_views]):
+        shard = open_shard(Path(shards_dir) / "studies" / uid)
+        truth = data.labels[uid]
+        fig = sagittal_figure(shard.volume, shard.spacing, preds.loc[uid].to_numpy(),
+                              tables.get(uid), truth,
+                              title=f"out-of-fold study {i + 1} (fold {int(oof.loc[uid, 'fold'])}),"
+                                    f" {'fractured' if truth[-1] else 'no fracture'}")
+        save(fig, views / f"study_{i + 1}.png")
+
+
+class MlflowTracker(Callback):
+    """Tune callback; holds only plain settings so Tune can pickle it with the experiment."""
+
+    def __init__(self, tracking_uri: str, experiment: str, search_id: str, space_file: str,
+                 shards_dir: str, artifact_root: str | None, search_params: dict[str, Any]):
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.search_id = search_id
+        self.space_file = space_file
+        self.shards_dir = shards_dir
+        self.artifact_root = artifact_root
+        self.search_params = search_params
+        self._client = None
+        self._experiment_id = None
+        self._parent = None
+        self._runs: dict[str, str] = {}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.update(_client=None, _experiment_id=None, _parent=None, _runs={})
+        return state
+
+    # --- plumbing ----------------------------------------------------------------------------
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            root = Path(self.artifact_root) if self.artifact_root else None
+            self._experiment_id = get_or_create_experiment(self._client, self.experiment, root)
+        return self._client
+
+    def _find(self, filter_string: str) -> str | None:
+        runs = self.client.search_runs([self._experiment_id], filter_string=filter_string,
+                                       max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    def parent_run(self) -> str:
+        if self._parent is None:
+            client = self.client
+            self._parent = self._find(f"tags.search_id = '{self.search_id}' and tags.kind = 'search'")
+            if self._parent is None:
+                run = client.create_run(self._experiment_id, run_name=f"search {self.search_id}",
+                                        tags={"kind": "search", "search_id": self.search_id,
+                                              "code_version": code_version()})
+                self._parent = run.info.run_id
+                for k, v in self.search_params.items():
+                    client.log_param(self._parent, k, v)
+                client.log_artifact(self._parent, self.space_file)
+        return self._parent
+
+    def trial_run(self, trial) -> str:
+        if trial.trial_id in self._runs:
+            return self._runs[trial.trial_id]
+        parent = self.parent_run()
+        run_id = self._find(f"tags.search_id = '{self.search_id}' and "
+                            f"tags.ray_trial_id = '{trial.trial_id}'")
+        if run_id is None:
+            from cspine_ray.tune.space import trial_values
+
+            values = trial_values(trial.config)
+            run = self.client.create_run(self._experiment_id, run_name=f"trial {trial.trial_id}",
+                                         tags={"kind": "trial", "search_id": self.search_id,
+                                               "ray_trial_id": trial.trial_id,
+                                               "mlflow.parentRunId": parent,
+                                               "code_version": code_version(),
+                                               "family": str(values.get("family", "")),
+                                               "backbone": str(values.get("backbone", ""))})
+            run_id = run.info.run_id
+        self._runs[trial.trial_id] = run_id
+        return run_id
+
+    # --- Tune callback hooks -----------------------------------------------------------------
+    def setup(self, **info):
+        self.parent_run()
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.trial_run(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        from mlflow.entities import Metric
+
+        run_id = self.trial_run(trial)
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, step) for k, v in numeric_metrics(result).items()]
+        for i in range(0, len(metrics), 500):
+            self.client.log_batch(run_id, metrics=metrics[i : i + 500])
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        run_id = self.trial_run(trial)
+        result = trial.last_result or {}
+        client = self.client
+        if result.get("final"):
+            from cspine_ray.train.job import load_result
+
+            trained = load_result(result["result_dir"])
+            top_n = result.get("top_n", -1)
+            top_n = None if top_n is None or top_n < 0 else int(top_n)
+            flat = _flatten({**trained.info["config"], "top_n": top_n})
+            logged = set(client.get_run(run_id).data.params)
+            for k, v in flat.items():
+                if k not in logged:
+                    client.log_param(run_id, k, str(v)[:6000])
+            for k in ("result_dir", "stage1_dir", "training_key", "reused"):
+                client.set_tag(run_id, k, str(result.get(k, "")))
+            client.set_tag(run_id, "manifest_hash", trained.info["manifest_hash"])
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    trial_artifacts(result["result_dir"], self.shards_dir, top_n, Path(tmp))
+                    client.log_artifacts(run_id, tmp)
+                except Exception:  # figures must never lose a finished trial's run
+                    log.exception("trial %s: could not write artifacts", trial.trial_id)
+            client.set_terminated(run_id, "FINISHED")
+        else:  # stopped early by ASHA: its epochs are logged, it has no final result
+            client.set_tag(run_id, "stopped_early", "true")
+            client.set_terminated(run_id, "KILLED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        run_id = self.trial_run(trial)
+        self.client.set_tag(run_id, "error", str(getattr(trial, "error_file", ""))[:5000])
+        self.client.set_terminated(run_id, "FAILED")
+
+    def on_experiment_end(self, trials, **info):
+        finished = [t for t in trials if (t.last_result or {}).get("final")]
+        parent = self.parent_run()
+        if finished:
+            best = min(finished, key=lambda t: t.last_result["cv_metric"])
+            self.client.set_tag(parent, "best_run_id", self.trial_run(best))
+            self.client.set_tag(parent, "best_trial_id", best.trial_id)
+            for k in ("cv_metric", "oof_metric", "oof_auc_mean", "oof_auc_patient_overall"):
+                value = best.last_result.get(k)
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self.client.log_metric(parent, f"best_{k}", float(value))
+        self.client.set_tag(parent, "trials_finished", str(len(finished)))
+        self.client.set_terminated(parent, "FINISHED")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = yaml.safe_dump(v, default_flow_style=True).strip() if isinstance(v, (list, dict)) else v
+    return out
+

@@ -1,0 +1,74 @@
+"""One Tune trial: build its TrainConfig, train (or reuse) stage 1 and the family, report.
+
+Per-epoch figures reach Tune from the fold workers through `TuneReportCallback` (every worker
+already reports the fold mean, so rank 0's copy is the CV figure ASHA needs). The last report
+carries the result re-scored under the trial's own top-N rule, so a trial that differs from a
+finished one only in N reuses its fold models and out-of-fold predictions and costs seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from cspine_ray.tune.space import build_config, trial_values
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrialSetup:
+    """What every trial of a search shares (passed with tune.with_parameters)."""
+
+    base: dict[str, Any]
+    shards_dir: str
+    storage: str
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    pretrained: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)  # e.g. resources.num_workers in tests
+
+
+def trial_config(config: dict, setup: TrialSetup):
+    values = trial_values(config)
+    values.update(setup.overrides)
+    values["resources.gpus_per_worker"] = setup.gpus_per_worker
+    values["resources.cpus_per_worker"] = setup.cpus_per_worker
+    if setup.pretrained:
+        values["pretrained"] = True
+    return build_config(setup.base, values)
+
+
+def run_trial(config: dict, setup: TrialSetup) -> None:
+    """The Tune function trainable."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from cspine_ray.preprocess.manifest import manifest_hash, read_manifest
+    from cspine_ray.train.job import ensure_stage1, evaluate_result, result_folder, run_task
+
+    start = time.time()
+    cfg = trial_config(config, setup)
+    stage1 = ensure_stage1(cfg, setup.shards_dir, setup.storage) if cfg.needs_stage1 else None
+    key = cfg.training_key(manifest_hash(read_manifest(setup.shards_dir)))
+    # per-epoch reports only when this trial really trains (a finished result reports once)
+    finished = result_folder(setup.storage, cfg.family, key).joinpath("result.json").exists()
+    result = run_task(cfg.family, cfg, setup.shards_dir, setup.storage, key,
+                      stage1_dir=stage1.path if stage1 else None,
+                      callbacks=[] if finished else [TuneReportCallback()])
+    figures = evaluate_result(result, setup.shards_dir, cfg.effective_top_n)
+    ray.tune.report({
+        **figures,
+        "cv_metric": figures["cv_metric"],
+        "epoch": result.info["best_epoch"],
+        "best_epoch": result.info["best_epoch"],
+        "reused": result.reused,
+        "trial_seconds": time.time() - start,
+        "result_dir": str(result.path),
+        "stage1_dir": str(stage1.path) if stage1 else "",
+        "training_key": key,
+        "top_n": -1 if cfg.effective_top_n is None else cfg.effective_top_n,
+        "final": True,
+    })
