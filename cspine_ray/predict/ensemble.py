@@ -33,7 +33,10 @@ def load_fold_models(result: TrainResult, device: torch.device) -> list[nn.Modul
     spec = result.info["model"]
     models = []
     for fold in range(result.n_folds):
-        model = create_model(spec["name"], **dict(spec["kwargs"], pretrained=False))
+        kwargs = dict(spec["kwargs"])
+        if "pretrained" in kwargs:
+            kwargs["pretrained"] = False  # the fold weights replace them anyway
+        model = create_model(spec["name"], **kwargs)
         model.load_state_dict(result.fold_weights(fold))
         models.append(model.to(device).eval())
     return models

@@ -20,7 +20,7 @@ from cspine_ray.io.rsna import Layout, discover
 from cspine_ray.preprocess import shards
 from cspine_ray.preprocess.config import PreprocessConfig
 from cspine_ray.preprocess.folds import assign_folds, fold_summary
-from cspine_ray.preprocess.manifest import manifest_hash, write_manifest
+from cspine_ray.preprocess.manifest import manifest_hash, read_manifest, write_manifest
 from cspine_ray.preprocess.study import process_study
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,7 @@ def run_preprocess(data: str | Path, out: str | Path, cfg: PreprocessConfig | No
     manifest = build_manifest(rows + failed_rows, layout, notes, cfg)
     reused = int(sum(bool(r["reused"]) for r in rows))
     write_manifest(manifest, out)
+    manifest = read_manifest(out)  # exactly what later steps will read (sorted, typed)
 
     ok = manifest["status"] == "ok"
     log.info("done: %d ok (%d reused from an earlier run), %d failed; manifest hash %s",
