@@ -179,8 +179,8 @@ class MlflowTracker(Callback):
                                                "ray_trial_id": trial.trial_id,
                                                "mlflow.parentRunId": parent,
                                                "code_version": code_version(),
-                                               "family": str(values.get("family", "")),
-                                               "backbone": str(values.get("backbone", ""))})
+                                               **{k: str(values[k]) for k in ("family", "backbone")
+                                                  if k in values}})
             run_id = run.info.run_id
         self._runs[trial.trial_id] = run_id
         return run_id
@@ -220,6 +220,9 @@ class MlflowTracker(Callback):
             for k in ("result_dir", "stage1_dir", "training_key", "reused"):
                 client.set_tag(run_id, k, str(result.get(k, "")))
             client.set_tag(run_id, "manifest_hash", trained.info["manifest_hash"])
+            client.set_tag(run_id, "family", trained.config.family)
+            client.set_tag(run_id, "backbone", "" if trained.config.family == "cnn3d"
+                           else trained.config.backbone)
             with tempfile.TemporaryDirectory() as tmp:
                 try:
                     trial_artifacts(result["result_dir"], self.shards_dir, top_n, Path(tmp))

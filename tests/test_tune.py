@@ -1,0 +1,185 @@
+"""The product's front door on tiny settings: tune -> MLflow -> promote -> predict -> score."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pydicom
+import pytest
+import yaml
+
+from conftest import TINY_TRAIN
+from cspine_ray import TARGETS
+from cspine_ray.cli import main
+from cspine_ray.metric import read_submission
+from cspine_ray.promote import promote
+from cspine_ray.tune.tracking import sqlite_uri
+
+pytestmark = pytest.mark.slow
+
+EXPERIMENT = "cspine-tiny"
+
+
+def write_space(path: Path, trials: int, params: dict) -> Path:
+    base = copy.deepcopy(TINY_TRAIN)
+    base["family"] = "two_stage"
+    path.write_text(yaml.safe_dump({"description": "test search", "base": base, "params": params,
+                                    "budget": {"trials": trials, "asha": None}}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory, tiny_shards, ray_local):
+    """One 4-trial search: two sequence heads x N, so some trials differ only in N."""
+    root = tmp_path_factory.mktemp("tune")
+    space = write_space(root / "tiny.yaml", 4, {
+        "sequence.head": {"type": "categorical", "choices": ["lstm", "gru"]},
+        "top_n": {"type": "int", "low": 1, "high": 7}})
+    storage = root / "runs"
+    rc = main(["tune", "--space", str(space), "--shards", str(tiny_shards), "--storage", str(storage),
+               "--experiment", EXPERIMENT, "--seed", "3"])
+    assert rc == 0
+    return storage, sqlite_uri(storage / "mlflow.db")
+
+
+def _runs(uri: str, kind: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    return client, client.search_runs([exp.experiment_id], filter_string=f"tags.kind = '{kind}'")
+
+
+def test_every_trial_is_tracked_in_mlflow(search, tiny_dataset):
+    storage, uri = search
+    client, trials = _runs(uri, "trial")
+    _, parents = _runs(uri, "search")
+    assert len(parents) == 1 and len(trials) == 4
+    parent = parents[0]
+    assert parent.data.tags["best_run_id"] in {t.info.run_id for t in trials}
+    assert "best_cv_metric" in parent.data.metrics
+    for run in trials:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["family"] == "two_stage"
+        for key in ("manifest_hash", "code_version", "result_dir", "training_key"):
+            assert run.data.tags.get(key), key
+        params = run.data.params
+        assert params["family"] == "two_stage" and params["sequence.head"] in ("lstm", "gru")
+        assert params["top_n"] in {str(n) for n in range(1, 8)}
+        for key in ("cv_metric", "oof_metric", "oof_auc_mean", "fold_0_metric", "fold_1_metric"):
+            assert key in run.data.metrics, key
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"roc.png", "calibration.png", "oof_predictions.csv", "config.yaml",
+                "history.json", "sagittal"} <= artifacts
+        assert len(client.list_artifacts(run.info.run_id, "sagittal")) >= 2
+    trained = [t for t in trials if t.data.tags["reused"] == "False"]
+    history = client.get_metric_history(trained[0].info.run_id, "cv_metric")
+    assert len(history) >= 2                                   # per-epoch, then the final figure
+
+    # nothing identifying a patient reaches MLflow
+    ds = pydicom.dcmread(next((tiny_dataset / "train_images").rglob("*.dcm")), stop_before_pixels=True)
+    secrets = [str(ds.PatientName), str(ds.PatientID), str(ds.StudyDate), "SYNTH"]
+    for run in [parent, *trials]:
+        text = " ".join(map(str, [*run.data.params.items(), *run.data.tags.items()]))
+        local = Path(client.download_artifacts(run.info.run_id, ""))
+        text += " ".join(p.read_text(errors="ignore") for p in local.rglob("*")
+                         if p.suffix in (".csv", ".yaml", ".json", ".txt"))
+        assert not [s for s in secrets if s in text]
+
+
+def test_trials_differing_only_in_n_reuse_the_training(search):
+    storage, uri = search
+    _, trials = _runs(uri, "trial")
+    by_key = {}
+    for t in trials:
+        by_key.setdefault(t.data.tags["training_key"], []).append(t)
+    assert len(by_key) < len(trials)                           # 2 heads, 4 trials
+    for group in by_key.values():
+        trained = [t for t in group if t.data.tags["reused"] == "False"]
+        reused = [t for t in group if t.data.tags["reused"] == "True"]
+        assert len(trained) == 1 and len(reused) == len(group) - 1
+        for r in reused:
+            assert r.data.metrics["trial_seconds"] < 0.25 * trained[0].data.metrics["trial_seconds"]
+            assert r.data.tags["result_dir"] == trained[0].data.tags["result_dir"]
+    assert len(list((storage / "results").iterdir())) == len(by_key)
+
+
+def test_promote_then_predict_with_a_broken_study_then_score(search, tiny_dataset, tiny_specs, tmp_path):
+    storage, uri = search
+    first = promote(uri, experiment=EXPERIMENT)
+    assert first.promoted and first.champion_version == first.version
+
+    _, trials = _runs(uri, "trial")
+    worst = max(trials, key=lambda t: t.data.metrics["cv_metric"])
+    refused = promote(uri, run_id=worst.info.run_id)
+    assert not refused.promoted and "does not beat" in refused.reason
+    assert refused.champion_version == first.version
+
+    inputs = tmp_path / "new_studies"
+    shutil.copytree(tiny_dataset / "test_images", inputs)
+    broken = inputs / "1.2.3.4.5.6"
+    broken.mkdir()
+    (broken / "1.dcm").write_text("this is not DICOM\n")
+    out = tmp_path / "submission.csv"
+    rc = main(["predict", "--input", str(inputs), "--out", str(out), "--tracking-uri", uri,
+               "--report-dir", str(tmp_path / "reports")])
+    assert rc == 0
+    studies = sorted(p.name for p in inputs.iterdir())
+    sub = read_submission(out, studies)
+    wide = pd.read_csv(tmp_path / "submission.studies.csv", dtype={"study_uid": str}).set_index("study_uid")
+    assert wide.loc["1.2.3.4.5.6", "status"] == "failed" and "DICOM" in wide.loc["1.2.3.4.5.6", "reason"]
+    from cspine_ray.predict.ensemble import Ensemble
+    from cspine_ray.train.job import load_result
+
+    prior = load_result(trials[0].data.tags["result_dir"]).info["prior"]
+    assert sub.loc["1.2.3.4.5.6"].tolist() == pytest.approx(prior)
+    assert {p.stem for p in (tmp_path / "reports").glob("*.png")} == set(studies) - {"1.2.3.4.5.6"}
+    del Ensemble
+
+    labels = pd.DataFrame([{"StudyInstanceUID": s.uid, **s.targets} for s in tiny_specs if s.split == "test"]
+                          + [{"StudyInstanceUID": "1.2.3.4.5.6", **{t: 0 for t in TARGETS}}])
+    labels[["StudyInstanceUID", "patient_overall", "C1", "C2", "C3", "C4", "C5", "C6", "C7"]].to_csv(
+        tmp_path / "labels.csv", index=False)
+    assert main(["score", str(out), str(tmp_path / "labels.csv")]) == 0
+
+    # a forced promotion moves the alias; the registered model loads from a plain local path too
+    forced = promote(uri, run_id=worst.info.run_id, force=True)
+    assert forced.promoted and forced.champion_version == forced.version
+
+
+def test_resume_after_killing_the_driver(tiny_shards, tmp_path, ray_local):
+    space = write_space(tmp_path / "resume.yaml", 3, {
+        "top_n": {"type": "categorical", "choices": [1, 7]},
+        "sequence.head": {"type": "categorical", "choices": ["lstm", "gru", "transformer"]}})
+    storage = tmp_path / "runs"
+    args = ["--space", str(space), "--shards", str(tiny_shards), "--storage", str(storage),
+            "--experiment", "cspine-resume", "--seed", "5"]
+    proc = subprocess.Popen([sys.executable, "-m", "cspine_ray.tune", *args, "--address",
+                             ray_local.get_runtime_context().gcs_address],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list(storage.glob("results/*/result.json")):
+        time.sleep(0.2)
+    time.sleep(3)  # let Tune record the finished trial in its experiment state
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(storage.glob("results/*/result.json")), "the driver should have finished a trial"
+
+    assert main(["tune", *args, "--resume"]) == 0
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(sqlite_uri(storage / "mlflow.db"))
+    exp = client.get_experiment_by_name("cspine-resume")
+    trials = client.search_runs([exp.experiment_id], filter_string="tags.kind = 'trial'")
+    assert len(trials) == 3                                     # no duplicated runs
+    assert {t.info.status for t in trials} == {"FINISHED"}
+    assert len({t.data.tags["ray_trial_id"] for t in trials}) == 3
