@@ -27,6 +27,11 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
     if annotation is Any:
         return value
     if origin in (typing.Union, types.UnionType):
+        members = [a for a in args if a is not type(None)]
+        if value is None and len(members) < len(args):
+            return None
+        if len(members) == 1:  # Optional[X]: X's own, more precise, message
+            return _check_type(key, value, members[0])
         errors = []
         for arg in args:
             try:
@@ -102,7 +107,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:  # __post_init__ validation
-        raise ConfigError(f"{prefix or cls.__name__}: {e}") from e
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from e
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

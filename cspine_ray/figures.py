@@ -85,18 +85,22 @@ def sagittal_figure(volume: np.ndarray, spacing: tuple[float, float, float],
     a true fracture (when labels are given) is marked with an asterisk.
     """
     z, h, w = volume.shape
-    x = w // 2
-    if slice_table is not None and np.isfinite(slice_table[:, 7:]).any():
+    x, front, back = w // 2, 0.3 * h, 0.7 * h
+    if slice_table is not None:
         shown = (slice_table[:, :7].max(1) > 0.5) & np.isfinite(slice_table[:, 7:]).all(1)
         if shown.any():
             boxes = slice_table[shown, 7:]
             x = int(np.clip((boxes[:, 0] + boxes[:, 2]).mean() / 2 * w, 0, w - 1))
+            front, back = boxes[:, 1].mean() * h, boxes[:, 3].mean() * h
     image = _window(np.asarray(volume[:, :, x], dtype=np.float32))
     fig, (ax, bar) = plt.subplots(1, 2, figsize=(8, 7), gridspec_kw={"width_ratios": [3, 1]})
     ax.imshow(image, cmap="gray", aspect=spacing[0] / spacing[1], interpolation="bilinear")
     ax.set_axis_off()
     ax.set_title(title or "sagittal view, predicted levels", fontsize=10)
     if slice_table is not None:
+        # labels in front of the vertebral bodies (behind them if there is no room)
+        room = front > 0.2 * h
+        anchor = front - 0.02 * h if room else back + 0.02 * h
         for k, name in enumerate(VERTEBRAE):
             column = slice_table[:, k]
             if not np.nanmax(column) > 0.3:
@@ -105,9 +109,9 @@ def sagittal_figure(volume: np.ndarray, spacing: tuple[float, float, float],
             p = float(probs[k])
             colour = "red" if p >= 0.5 else "lime"
             mark = "*" if labels is not None and labels[k] > 0.5 else ""
-            ax.annotate(f"{name}{mark} {p:.2f}", (h * 0.02, level), color=colour, fontsize=9,
-                        fontweight="bold", va="center")
-            ax.axhline(level, color=colour, lw=0.6, alpha=0.6, xmin=0.0, xmax=0.12)
+            ax.plot([anchor, front if room else back], [level, level], color=colour, lw=1)
+            ax.annotate(f"{name}{mark} {p:.2f} ", (anchor, level), color=colour, fontsize=8,
+                        fontweight="bold", va="center", ha="right" if room else "left")
     colours = ["red" if p >= 0.5 else "tab:green" for p in probs]
     bar.barh(list(TARGETS)[::-1], list(probs)[::-1], color=colours[::-1])
     if labels is not None:

@@ -195,8 +195,10 @@ def summarize_folds(per_fold: dict[int, dict]) -> dict[str, float]:
 
 def epoch_report(epoch: int, per_fold: dict[int, dict], best_cv: float, best_epoch: int) -> dict:
     """The figures every worker reports after an epoch (cv_metric is the one searches use)."""
-    return {"epoch": epoch + 1, "best_cv_metric": best_cv, "best_epoch": best_epoch + 1,
-            **summarize_folds(per_fold)}
+    figures = summarize_folds(per_fold)
+    # the first keys are the ones progress tables show
+    return {"cv_metric": figures.pop("cv_metric"), "cv_auc_mean": figures.pop("cv_auc_mean", math.nan),
+            "epoch": epoch + 1, "best_cv_metric": best_cv, "best_epoch": best_epoch + 1, **figures}
 
 
 def train_loop_per_worker(config: dict) -> None:

@@ -159,15 +159,18 @@ def validate(space: SearchSpace, source: str) -> None:
         if family not in FAMILIES:
             raise ConfigError(f"{source}: family {family!r} is not one of {', '.join(FAMILIES)}")
         params = space.fixed_and_sampled(family)
-        for key, spec in params.items():
+        for key, spec in params.items():  # each parameter alone, so the blame is precise
             for value in _extremes(spec):
-                values = {k: _extremes(s)[0] for k, s in params.items()}
-                values.update({key: value, "family": family})
                 try:
-                    build_config(space.base, values)
+                    build_config(space.base, {"family": family, key: value})
                 except ConfigError as e:
                     where = "params" if key in space.params else f"conditional.{family}"
                     raise ConfigError(f"{source}: {where}.{key} = {value!r}: {e}") from None
+        try:  # and together
+            build_config(space.base, {**{k: _extremes(s)[0] for k, s in params.items()},
+                                      "family": family})
+        except ConfigError as e:
+            raise ConfigError(f"{source}: the parameters of family {family} together: {e}") from None
 
 
 def load_space(path: str | Path) -> SearchSpace:

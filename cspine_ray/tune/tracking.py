@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import subprocess
 import tempfile
 import time
@@ -22,16 +23,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from ray.tune import Callback
 
 import cspine_ray
 
 log = logging.getLogger(__name__)
 
-# Tune bookkeeping that is not worth a metric
-_SKIP = {"training_iteration", "timestamp", "time_this_iter_s", "time_total_s", "pid",
-         "time_since_restore", "iterations_since_restore", "checkpoint_dir_name"}
+# What a run shows: the CV figures and each fold's metric and AUC per epoch, and the pooled
+# out-of-fold figures at the end. (Reports carry ~60 keys; all of them would drown the UI.)
+_EPOCH_METRICS = re.compile(r"^(cv_(metric|auc_mean|auc_patient_overall|val_loss|train_loss|"
+                            r"data_wait_fraction|samples_per_second|global_metric)|"
+                            r"fold_\d+_(metric|auc_mean)|best_cv_metric)$")
+_FINAL_METRICS = re.compile(r"^(oof_.*|trial_seconds)$")
 
 
 def code_version() -> str:
@@ -57,13 +60,14 @@ def get_or_create_experiment(client, name: str, artifact_root: Path | None) -> s
 
 
 def numeric_metrics(result: dict) -> dict[str, float]:
-    out = {}
+    """The finite figures of a Tune result worth a metric in the trial's run."""
+    keep = {}
     for key, value in result.items():
-        if key in _SKIP or isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             continue
-        if math.isfinite(value):
-            out[key] = float(value)
-    return out
+        if _EPOCH_METRICS.match(key) or (result.get("final") and _FINAL_METRICS.match(key)):
+            keep[key] = float(value)
+    return keep
 
 
 def trial_artifacts(result_dir: str, shards_dir: str, top_n: int | None, out: Path,
@@ -155,7 +159,7 @@ class MlflowTracker(Callback):
             client = self.client
             self._parent = self._find(f"tags.search_id = '{self.search_id}' and tags.kind = 'search'")
             if self._parent is None:
-                run = client.create_run(self._experiment_id, run_name=f"search {self.search_id}",
+                run = client.create_run(self._experiment_id, run_name=self.search_id,
                                         tags={"kind": "search", "search_id": self.search_id,
                                               "code_version": code_version()})
                 self._parent = run.info.run_id
@@ -196,7 +200,9 @@ class MlflowTracker(Callback):
         from mlflow.entities import Metric
 
         run_id = self.trial_run(trial)
-        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        # Tune's iteration: epochs of a trained trial, then its final (best-epoch) figures last,
+        # so MLflow's "latest value" of cv_metric is the figure the trial is judged by
+        step = int(result.get("training_iteration", 0))
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in numeric_metrics(result).items()]
         for i in range(0, len(metrics), 500):
@@ -211,8 +217,8 @@ class MlflowTracker(Callback):
 
             trained = load_result(result["result_dir"])
             top_n = result.get("top_n", -1)
-            top_n = None if top_n is None or top_n < 0 else int(top_n)
-            flat = _flatten({**trained.info["config"], "top_n": top_n})
+            top_n = int(top_n) if top_n is not None and top_n > 0 else None
+            flat = _flatten(relevant_config(trained.config, top_n))
             logged = set(client.get_run(run_id).data.params)
             for k, v in flat.items():
                 if k not in logged:
@@ -251,16 +257,35 @@ class MlflowTracker(Callback):
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self.client.log_metric(parent, f"best_{k}", float(value))
         self.client.set_tag(parent, "trials_finished", str(len(finished)))
-        self.client.set_terminated(parent, "FINISHED")
+        self.client.set_terminated(parent, "FINISHED" if finished else "FAILED")
+
+
+def relevant_config(cfg, top_n: int | None) -> dict[str, Any]:
+    """A trial's resolved settings without the sections its family does not use."""
+    from cspine_ray.config import to_dict
+
+    d = to_dict(cfg)
+    d.pop("resources")
+    if cfg.family != "two_stage":
+        d.pop("sequence")
+    if not cfg.needs_stage1:
+        d.pop("stage1")
+    if cfg.family == "cnn3d":
+        for k in ("backbone", "pretrained", "top_n"):
+            d.pop(k)
+    else:
+        d["top_n"] = top_n or cfg.effective_top_n
+    return d
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys for nested settings; lists as compact JSON; empty mappings left out."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
+        if isinstance(v, dict):
             out.update(_flatten(v, key + "."))
         else:
-            out[key] = yaml.safe_dump(v, default_flow_style=True).strip() if isinstance(v, (list, dict)) else v
+            out[key] = json.dumps(v, separators=(",", ":")) if isinstance(v, list) else v
     return out
 

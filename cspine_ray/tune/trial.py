@@ -60,11 +60,12 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
                       callbacks=[] if finished else [TuneReportCallback()])
     figures = evaluate_result(result, setup.shards_dir, cfg.effective_top_n)
     ray.tune.report({
+        "cv_metric": figures["cv_metric"],          # first: the keys progress tables show
+        "oof_auc_mean": figures["oof_auc_mean"],
+        "reused": result.reused,
         **figures,
-        "cv_metric": figures["cv_metric"],
         "epoch": result.info["best_epoch"],
         "best_epoch": result.info["best_epoch"],
-        "reused": result.reused,
         "trial_seconds": time.time() - start,
         "result_dir": str(result.path),
         "stage1_dir": str(stage1.path) if stage1 else "",

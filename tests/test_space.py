@@ -1,0 +1,80 @@
+"""Search spaces: the shipped ones load, bad ones are refused naming the key, define-by-run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from cspine_ray.config import ConfigError
+from cspine_ray.tune.search import max_epochs
+from cspine_ray.tune.space import DefineByRun, build_config, load_space, trial_values
+
+SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
+
+
+@pytest.mark.parametrize("name", ["demo", "two_stage", "families"])
+def test_shipped_spaces_load(name):
+    space = load_space(SPACES / f"{name}.yaml")
+    assert space.budget.trials >= 1 and space.description
+    assert max_epochs(space) >= 1
+
+
+def _space(tmp_path, **sections) -> Path:
+    body = {"description": "t", "params": {"top_n": {"type": "int", "low": 1, "high": 7}}}
+    body.update(sections)
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+@pytest.mark.parametrize("sections,needle", [
+    ({"parms": {}}, "unknown top-level key 'parms'"),
+    ({"params": {"sequence.lenght": {"type": "int", "low": 2, "high": 4}}}, "sequence.lenght"),
+    ({"params": {"optim.lr": {"type": "log_float", "low": 0, "high": 1}}}, "low > 0"),
+    ({"params": {"top_n": {"type": "int", "low": 7, "high": 1}}}, "low must be < high"),
+    ({"params": {"top_n": {"type": "int", "low": 1, "high": 9}}}, "top_n"),
+    ({"params": {"backbone": {"type": "categorical", "choices": []}}}, "choices"),
+    ({"params": {"backbone": {"type": "choice", "choices": ["a"]}}}, "type must be one of"),
+    ({"params": {"top_n": {"type": "int", "low": 1, "high": 3, "stepp": 1}}}, "stepp"),
+    ({"params": {"family": {"type": "categorical", "choices": ["cnn3d", "vit"]}}}, "vit"),
+    ({"conditional": {"resnet": {"top_n": 3}}}, "conditional.resnet"),
+    ({"conditional": {"two_stage": {"sequence.head": {"type": "categorical", "choices": ["rnn"]}}}},
+     "conditional.two_stage.sequence.head"),
+    ({"base": {"optim": {"epoch": 3}}}, "optim.epoch"),
+    ({"budget": {"trials": 0}}, "budget.trials"),
+    ({"budget": {"asha": {"grace": 1}}}, "budget.asha.grace"),
+])
+def test_bad_spaces_are_refused_naming_the_key(tmp_path, sections, needle):
+    with pytest.raises(ConfigError, match=None) as err:
+        load_space(_space(tmp_path, **sections))
+    assert needle in str(err.value), str(err.value)
+
+
+def test_define_by_run_samples_only_the_family_s_own_parameters():
+    space = load_space(SPACES / "families.yaml")
+    sampler = DefineByRun(space)
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+    seen = set()
+    for _ in range(12):
+        trial = study.ask()
+        constants = sampler(trial) or {}
+        family = trial.params["family"]
+        seen.add(family)
+        own = {k.split("/", 1)[0] for k in trial.params if "/" in k}
+        assert own <= {family}
+        values = trial_values({**trial.params, **constants})
+        cfg = build_config(space.base, values)
+        assert cfg.family == family
+        if family == "single_head":
+            assert cfg.top_n == 1                     # a fixed conditional value
+        study.tell(trial, 0.5)
+    assert len(seen) >= 3
+
+
+def test_trial_values_accept_ray_s_nested_form():
+    nested = {"family": "two_stage", "two_stage": {"sequence.length": 8}, "top_n": 3}
+    assert trial_values(nested) == {"family": "two_stage", "sequence.length": 8, "top_n": 3}
+    assert trial_values({"two_stage/sequence.length": 8}) == {"sequence.length": 8}
