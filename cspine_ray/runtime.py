@@ -9,8 +9,12 @@ log = logging.getLogger(__name__)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None,
-             object_store_memory: int | None = None) -> None:
-    """Join the cluster at `address` (or RAY_ADDRESS), else start a local Ray; no-op if running."""
+             object_store_memory: int | None = None, dashboard: bool = True) -> None:
+    """Join the cluster at `address` (or RAY_ADDRESS), else start a local Ray; no-op if running.
+
+    Keep the dashboard for anything that runs Tune: without it, a trial that ASHA stops early
+    can leak its placement group. A preprocessing-only run can spare its CPU.
+    """
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -23,5 +27,5 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster needs no token
     ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory,
-             include_dashboard=True, log_to_driver=True)
+             include_dashboard=dashboard, log_to_driver=True)
     log.info("started local Ray with %s CPUs", ray.cluster_resources().get("CPU"))

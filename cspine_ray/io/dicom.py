@@ -483,7 +483,9 @@ def _resize_bilinear(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def _to_int16(values: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(values), -32768, 32767).astype(np.int16)
+    if values.dtype.kind == "f":
+        values = np.rint(values)
+    return np.clip(values, -32768, 32767).astype(np.int16)
 
 
 def _decode_hu(path: Path, study: str) -> np.ndarray:
@@ -493,7 +495,12 @@ def _decode_hu(path: Path, study: str) -> np.ndarray:
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(path, force=True)
             pixels = ds.pixel_array
-            hu = apply_modality_lut(pixels, ds)  # RescaleSlope/Intercept or a modality LUT
+            slope, intercept = ds.get("RescaleSlope", 1), ds.get("RescaleIntercept", 0)
+            if ("ModalityLUTSequence" not in ds and pixels.dtype.kind in "iu"
+                    and float(slope) == 1 and float(intercept).is_integer()):
+                hu = pixels.astype(np.int32) + int(float(intercept))  # integer CT rescale: no float pass
+            else:
+                hu = apply_modality_lut(pixels, ds)  # RescaleSlope/Intercept or a modality LUT
     except Exception as exc:  # decoder plugins raise assorted types
         raise StudyError(study, f"cannot decode {path.name}: {type(exc).__name__}: {str(exc)[:200]}") from exc
     if hu.ndim != 2:

@@ -98,6 +98,21 @@ def _subsample(coords: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
     return tuple(c[::step] for c in coords)
 
 
+def _label_coords(data: np.ndarray, ids: list[int]) -> tuple[np.ndarray, ...]:
+    """Subsampled indices of the voxels holding one of `ids` (data holds whole numbers 0..255).
+
+    A 256-entry lookup table instead of np.isin: one bool array, no sort (np.isin on a
+    768x768x600 volume takes ~1.3 GB and seconds)."""
+    lut = np.zeros(256, dtype=bool)
+    lut[[i for i in ids if 0 <= i < 256]] = True
+    hit = lut[data if data.dtype == np.uint8 else data.astype(np.uint8)]
+    # walk the array in memory order (NIfTI data are Fortran-ordered): ~100x faster than C order
+    order = "F" if hit.flags.f_contiguous and not hit.flags.c_contiguous else "C"
+    flat = np.flatnonzero(hit.ravel(order="K" if order == "F" else "C"))
+    flat = flat[:: max(1, len(flat) // _MAX_SAMPLES)]
+    return np.unravel_index(flat, data.shape, order=order)
+
+
 def mean_hu_inside(labels: np.ndarray, hu: np.ndarray, label_ids: Iterable[int]) -> float:
     """Mean HU of `hu` inside the given labels (nan if none present).
 
@@ -160,7 +175,7 @@ def load_segmentation(
         if hu.ndim != 3 or hu.shape[0] != target[0]:
             raise StudyError(study, f"HU volume shape {hu.shape} does not match the series ({target[0]} slices)")
         ids = sorted(set(int(i) for i in check_labels))
-        coords = _subsample(np.nonzero(np.isin(data, ids)))
+        coords = _label_coords(data, ids)
         if len(coords[0]) == 0:
             raise StudyError(study, f"segmentation {path.name} holds none of the checked labels {ids}")
         scores = [_sample_hu(c.map_coords(coords, data.shape), target, hu) for c in candidates]
@@ -176,7 +191,7 @@ def load_segmentation(
             notes.append(f"segmentation {path.name}: orientation {chosen.name} chosen (mean HU inside "
                          f"labels {bone_hu:.0f}) over {candidates[0].name} ({scores[0]:.0f})")
 
-    labels = np.ascontiguousarray(chosen.apply(data)).astype(np.uint8, copy=False)
+    labels = chosen.apply(data).astype(np.uint8, copy=False)  # a view: no second full-size copy
     messages = tuple(f"study {study}: {n}" for n in notes)
     for message in messages:
         log.warning(message)

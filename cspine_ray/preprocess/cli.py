@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from cspine_ray.preprocess.pipeline import run_preprocess
 
     manifest = run_preprocess(args.data, args.out, config_from_args(args), address=args.address,
-                              num_cpus=args.num_cpus, verify=args.verify)
+                              num_cpus=args.num_cpus, verify=args.verify, dashboard=False)
     ok = int((manifest["status"] == "ok").sum())
     print(f"{ok}/{len(manifest)} studies sharded into {args.out} "
           f"({len(manifest) - ok} failed; see the manifest's reason column)")

@@ -17,7 +17,7 @@ class PreprocessConfig:
     min_region_pixels: int = 8       # connected regions smaller than this are mask noise, not vertebrae
     min_bone_hu: float = 150.0       # segmentation alignment check: mean HU inside C1-C7 must exceed this
     chunk_slices: int = 32           # slices resampled together (bounds memory, keeps torch busy)
-    memory_per_task_gb: float = 2.0  # what Ray reserves per study task (768x768x600 needs ~1.1 GB)
+    memory_per_task_gb: float = 1.5  # what Ray reserves per study task (768x768x600: ~1 GB)
 
     def __post_init__(self):
         if not 16 <= self.size <= 1024:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,26 @@ def study_items(layout: Layout) -> list[dict]:
     ]
 
 
+# whole-study CPU cost per pixel relative to uncompressed data (benchmarks/preprocess.py)
+_SYNTAX_COST = {"1.2.840.10008.1.2.4.90": 9.0, "1.2.840.10008.1.2.4.91": 9.0,  # JPEG 2000
+                "1.2.840.10008.1.2.4.57": 3.0, "1.2.840.10008.1.2.4.70": 3.0,  # JPEG lossless
+                "1.2.840.10008.1.2.4.50": 2.0, "1.2.840.10008.1.2.5": 1.3}     # JPEG baseline, RLE
+
+
+def estimated_cost(item: dict) -> float:
+    """Rough CPU cost of a study (slices x pixels x decoder cost) from one header; 0 if unreadable."""
+    import pydicom
+
+    try:
+        files = [e.path for e in os.scandir(item["image_dir"]) if e.is_file()]
+        ds = pydicom.dcmread(files[0], stop_before_pixels=True, force=True)
+        syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+        cost = len(files) * int(ds.Rows) * int(ds.Columns) * _SYNTAX_COST.get(syntax, 1.0)
+    except Exception:  # the task itself reports unreadable studies
+        return 0.0
+    return cost * (1.5 if item.get("segmentation") else 1.0)
+
+
 def check_settings(out: Path, cfg: PreprocessConfig, source: Path) -> None:
     """Refuse to mix shards of different settings in one folder; record the settings used."""
     path = out / SETTINGS
@@ -65,6 +86,7 @@ def _run_tasks(items: list[dict], cfg: PreprocessConfig, out: Path, verify: bool
     # One map operator fed by an input buffer: Ray Data's per-operator reservation would hold
     # back half of a small cluster's CPUs for the buffer, so share all of them instead.
     ray.data.DataContext.get_current().op_resource_reservation_enabled = False
+    items = sorted(items, key=estimated_cost, reverse=True)  # longest first: no lone straggler at the end
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map(
         process_study,
@@ -115,7 +137,7 @@ def build_manifest(rows: list[dict], layout: Layout, notes: dict[str, list[str]]
 
 def run_preprocess(data: str | Path, out: str | Path, cfg: PreprocessConfig | None = None,
                    address: str | None = None, num_cpus: int | None = None,
-                   verify: bool = False) -> pd.DataFrame:
+                   verify: bool = False, dashboard: bool = True) -> pd.DataFrame:
     """Preprocess every study under the RSNA layout `data` into `out`; returns the manifest."""
     from cspine_ray.runtime import init_ray
 
@@ -132,7 +154,7 @@ def run_preprocess(data: str | Path, out: str | Path, cfg: PreprocessConfig | No
     items = study_items(layout)
     log.info("preprocessing %d studies from %s into %s (%d excluded by the layout check)",
              len(items), data, out, len({p.study for p in layout.problems} - {i["study_uid"] for i in items}))
-    init_ray(address=address, num_cpus=num_cpus)
+    init_ray(address=address, num_cpus=num_cpus, dashboard=dashboard)
     rows = _run_tasks(items, cfg, out, verify)
     failed_rows, notes = _layout_failures(layout)
     manifest = build_manifest(rows + failed_rows, layout, notes, cfg)

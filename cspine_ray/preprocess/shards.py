@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-SHARD_FORMAT = 1
+SHARD_FORMAT = 2  # 2: Pillow resampling (values may differ from format 1 by 1 HU)
 ARRAYS = ("volume", "mask", "ratio", "box")
 META = "meta.json"
 TMP_PREFIX = ".tmp-"

@@ -39,25 +39,19 @@ def cervical_boxes(labels: np.ndarray, min_region_pixels: int = 8) -> np.ndarray
     """
     z, h, w = labels.shape
     boxes = np.full((z, 4), np.nan, dtype=np.float32)
-    # connectivity within a slice only: each slice's regions are independent
-    structure = np.zeros((3, 3, 3), dtype=bool)
-    structure[1] = ndimage.generate_binary_structure(2, 1)
-    cervical = (labels >= 1) & (labels <= N_VERTEBRAE)
-    regions, n = ndimage.label(cervical, structure=structure)
-    if n == 0:
-        return boxes
-    sizes = np.bincount(regions.ravel(), minlength=n + 1)
-    for region_id, sl in enumerate(ndimage.find_objects(regions), start=1):
-        if sl is None or sizes[region_id] < min_region_pixels:
+    structure = ndimage.generate_binary_structure(2, 1)  # regions within a slice only
+    for zi in range(z):  # slice by slice: the region map stays one slice big
+        cervical = (labels[zi] >= 1) & (labels[zi] <= N_VERTEBRAE)
+        regions, n = ndimage.label(cervical, structure=structure)
+        if n == 0:
             continue
-        zi = sl[0].start  # structure forbids z-connectivity: one slice per region
-        y0, y1, x0, x1 = sl[1].start, sl[1].stop, sl[2].start, sl[2].stop
-        b = np.array([x0 / w, y0 / h, x1 / w, y1 / h], dtype=np.float32)
-        if np.isnan(boxes[zi, 0]):
-            boxes[zi] = b
-        else:
-            boxes[zi, :2] = np.minimum(boxes[zi, :2], b[:2])
-            boxes[zi, 2:] = np.maximum(boxes[zi, 2:], b[2:])
+        sizes = np.bincount(regions.ravel(), minlength=n + 1)
+        keep = [sl for rid, sl in enumerate(ndimage.find_objects(regions), start=1)
+                if sl is not None and sizes[rid] >= min_region_pixels]
+        if keep:
+            y0, y1 = min(sl[0].start for sl in keep), max(sl[0].stop for sl in keep)
+            x0, x1 = min(sl[1].start for sl in keep), max(sl[1].stop for sl in keep)
+            boxes[zi] = (x0 / w, y0 / h, x1 / w, y1 / h)
     return boxes
 
 

@@ -55,7 +55,9 @@ class TwoStageTask(Task):
     def predict(self, model: nn.Module, uids: list[str], device: torch.device,
                 slice_tables: dict | None = None, prior: np.ndarray | None = None) -> pd.DataFrame:
         model.eval()
-        prior = self.data.prior(self.data.uids) if prior is None else prior
+        if prior is None:  # validation: the prior of the other studies, so no label leaks in
+            held_out = set(uids)
+            prior = self.data.prior([u for u in self.data.uids if u not in held_out])
         probs = {u: np.array(prior[: len(VERTEBRAE)], np.float64) for u in uids}
         ds = self.dataset(uids, labels=False, slice_tables=slice_tables)
         for batch in self.loader(ds, train=False, device=device):
