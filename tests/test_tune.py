@@ -137,13 +137,11 @@ def test_promote_then_predict_with_a_broken_study_then_score(search, tiny_datase
     sub = read_submission(out, studies)
     wide = pd.read_csv(tmp_path / "submission.studies.csv", dtype={"study_uid": str}).set_index("study_uid")
     assert wide.loc["1.2.3.4.5.6", "status"] == "failed" and "DICOM" in wide.loc["1.2.3.4.5.6", "reason"]
-    from cspine_ray.predict.ensemble import Ensemble
     from cspine_ray.train.job import load_result
 
     prior = load_result(trials[0].data.tags["result_dir"]).info["prior"]
     assert sub.loc["1.2.3.4.5.6"].tolist() == pytest.approx(prior)
     assert {p.stem for p in (tmp_path / "reports").glob("*.png")} == set(studies) - {"1.2.3.4.5.6"}
-    del Ensemble
 
     labels = pd.DataFrame([{"StudyInstanceUID": s.uid, **s.targets} for s in tiny_specs if s.split == "test"]
                           + [{"StudyInstanceUID": "1.2.3.4.5.6", **{t: 0 for t in TARGETS}}])
@@ -151,9 +149,19 @@ def test_promote_then_predict_with_a_broken_study_then_score(search, tiny_datase
         tmp_path / "labels.csv", index=False)
     assert main(["score", str(out), str(tmp_path / "labels.csv")]) == 0
 
-    # a forced promotion moves the alias; the registered model loads from a plain local path too
+    # a forced promotion moves the alias
     forced = promote(uri, run_id=worst.info.run_id, force=True)
     assert forced.promoted and forced.champion_version == forced.version
+
+    # the registered model also loads from a plain local folder; one study folder is an input
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    local = mlflow.artifacts.download_artifacts(artifact_uri="models:/cspine-fracture@champion",
+                                                dst_path=str(tmp_path / "model"))
+    one = inputs / studies[0]
+    assert main(["predict", "--model", local, "--input", str(one), "--out", str(tmp_path / "one.csv")]) == 0
+    assert read_submission(tmp_path / "one.csv", [studies[0]]).shape == (1, len(TARGETS))
 
 
 def test_resume_after_killing_the_driver(tiny_shards, tmp_path, ray_local):
