@@ -1,6 +1,6 @@
 """Model-quality benchmark: the four families on one synthetic set, with one budget, against a prior.
 
-    python benchmarks/quality.py [--studies 128] [--size 128] [--epochs 30] [--storage DIR]
+    python benchmarks/quality.py [--studies 256] [--size 128] [--epochs 30] [--storage DIR]
                                  [--seed 5] [--backbone test_efficientnet] [--retrain]
                                  [--report PATH]
 
@@ -37,8 +37,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -48,7 +46,7 @@ DATA_VERSION = 1          # bump when the generated dataset changes meaning
 SLICE_SPACING = 2.0       # mm: ~90 slices per study, enough for the vertebra sequences
 FAMILIES = ("two_stage", "cnn3d", "single_head", "multi_head")
 
-# The shared budget. Settings found on 128 studies x 128 px (see /work/notes/bench_quality.md):
+# The shared budget, tuned on the two-stage model at 128-256 studies x 128 px (BENCHMARKS.md):
 # tiny timm backbone, 64 px inputs, lr 1e-3 with one cosine cycle over all epochs, no cutout
 # (a 10% hole can cover a whole crack on a 64 px crop).
 BASE = {
@@ -65,7 +63,7 @@ BASE = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--studies", type=int, default=128, help="training studies (default 128)")
+    p.add_argument("--studies", type=int, default=256, help="training studies (default 256)")
     p.add_argument("--size", type=int, default=128, help="image size in pixels (default 128)")
     p.add_argument("--epochs", type=int, default=30, help="epochs of every family (default 30)")
     p.add_argument("--storage", type=Path, default=Path("runs/quality"),
@@ -169,23 +167,6 @@ def timed(timings: Timings, fn):
     return result, timings.get(result)
 
 
-def prior_baseline(shards: Path) -> dict[str, float]:
-    """Constant prediction per target: the other fold's prevalence (clipped to [0.01, 0.99],
-    like the training fallback), so no study's own label enters its prediction."""
-    from cspine_ray import TARGETS
-    from cspine_ray.metric import evaluate
-    from cspine_ray.train.tasks import JobData
-
-    data = JobData.load(shards)
-    labels = pd.DataFrame([data.labels[u] for u in data.uids], index=data.uids, columns=list(TARGETS))
-    preds = pd.DataFrame(index=labels.index, columns=list(TARGETS), dtype=float)
-    for fold in range(data.n_folds):
-        inside = [u for u in data.uids if data.folds[u] == fold]
-        others = [u for u in data.uids if data.folds[u] != fold]
-        preds.loc[inside] = labels.loc[others].mean().clip(0.01, 0.99).to_numpy()
-    return {f"oof_{k}": v for k, v in evaluate(labels, preds).items()}
-
-
 # ----------------------------------------------------------------------------- report
 
 COLUMNS = ("family", "OOF metric", "global metric", "mean AUC", "patient AUC", "train s", "load")
@@ -231,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     from cspine_ray.runtime import init_ray
-    from cspine_ray.train.job import ensure_stage1, evaluate_result, train
+    from cspine_ray.train.job import ensure_stage1, evaluate_prior, evaluate_result, train
 
     print(f"quality benchmark: {args.studies} studies x {args.size} px, {args.epochs} epochs, "
           f"backbone {args.backbone}, {os.cpu_count()} CPUs, load {load():.1f}")
@@ -254,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{family}: OOF metric {figures['oof_metric']:.4f}, patient AUC "
               f"{figures['oof_auc_patient_overall']:.3f}, best epoch {result.info['best_epoch']}"
               + (" (reused)" if result.reused else ""))
-    rows.append({"name": "constant prior", "figures": prior_baseline(shards), "timing": None})
+    rows.append({"name": "constant prior", "figures": evaluate_prior(shards), "timing": None})
 
     table = markdown(table_rows(rows))
     prior = rows[-1]["figures"]["oof_metric"]

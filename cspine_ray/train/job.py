@@ -97,6 +97,20 @@ def evaluate_result(result: TrainResult, shards_dir: str | Path, top_n: int | No
             **{f"oof_{k}": v for k, v in evaluate(labels, preds).items()}}
 
 
+def evaluate_prior(shards_dir: str | Path) -> dict[str, float]:
+    """The out-of-fold figures of the constant-prior baseline every model must beat.
+
+    Each study is predicted with the prevalence of every target among the studies of the
+    OTHER folds (as the fold model that did not see it would be), so no label leaks in.
+    """
+    data = JobData.load(shards_dir)
+    labels = pd.DataFrame([data.labels[u] for u in data.uids], index=data.uids,
+                          columns=list(TARGETS))
+    preds = pd.DataFrame([data.prior([v for v in data.uids if data.folds[v] != data.folds[u]])
+                          for u in data.uids], index=data.uids, columns=list(TARGETS))
+    return {f"oof_{k}": v for k, v in evaluate(labels, preds.astype(np.float64)).items()}
+
+
 @contextlib.contextmanager
 def _lock(path: Path):
     """An exclusive file lock: two trials needing the same result train it once."""
