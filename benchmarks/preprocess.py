@@ -10,8 +10,9 @@ re-runs skip generation) and with a warm page cache:
              file (pixels included), sort by ImagePositionPatient z, pixel_array * slope +
              intercept as float32, scipy.ndimage.zoom every slice to 256, np.save the volume.
 2. pipeline  `run_preprocess(data, out, PreprocessConfig(size=256))` on a local Ray with
-             num_cpus = os.cpu_count(), fresh output folder. Ray start-up (and the start of one
-             worker process per CPU) happens before the clock starts and is reported apart.
+             num_cpus = os.cpu_count() and no dashboard (as the preprocess command starts it),
+             fresh output folder. Ray start-up (and the start of one worker process per CPU)
+             happens before the clock starts and is reported apart.
 3. floor     pure pixel decoding (dcmread + pixel_array) of every file in one process, divided
              by the CPU count: no pipeline on this machine can beat it.
    (info)    the same decoding in os.cpu_count() processes: how many CPUs the machine really
@@ -377,14 +378,14 @@ def run_pipeline_measured(data: Path, out: Path, cpus: int) -> Measurement:
     from cspine_ray.runtime import init_ray
 
     t0 = time.perf_counter()
-    init_ray(num_cpus=cpus)
+    init_ray(num_cpus=cpus, dashboard=False)  # as `python -m cspine_ray.preprocess` starts it
     started = time.perf_counter() - t0
     t0 = time.perf_counter()
     warm_pids, code = warm_up_workers(cpus)
     warmed = time.perf_counter() - t0
     print(f"  Ray start-up {started:.1f} s, {len(warm_pids)} worker(s) warmed up in {warmed:.1f} s (not timed); "
           f"workers run {', '.join(sorted(code))}")
-    time.sleep(2.0)  # let start-up work (dashboard, agents) settle before the clock starts
+    time.sleep(2.0)  # let start-up work (agents) settle before the clock starts
 
     best = None
     for attempt in range(2):
