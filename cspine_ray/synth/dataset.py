@@ -158,20 +158,21 @@ def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> N
 
 def write_tables(root: str | Path, written: Sequence[WrittenStudy]) -> None:
     """train.csv, train_bounding_boxes.csv, test.csv and sample_submission.csv."""
+    from cspine_ray.io.rsna import BOX_COLUMNS, TEST_COLUMNS  # the reader's columns (imports pandas)
+
     root = Path(root)
     written = sorted(written, key=lambda w: w.spec.index)
     train = [w for w in written if w.spec.split == "train"]
     _write_csv(root / "train.csv", ("StudyInstanceUID", "patient_overall") + VERTEBRAE,
                ([w.spec.uid, w.spec.targets["patient_overall"]] + [w.spec.targets[v] for v in VERTEBRAE]
                 for w in train))
-    _write_csv(root / "train_bounding_boxes.csv",
-               ("StudyInstanceUID", "x", "y", "width", "height", "slice_number"),
+    _write_csv(root / "train_bounding_boxes.csv", BOX_COLUMNS,
                ([w.spec.uid, f"{b.x:.1f}", f"{b.y:.1f}", f"{b.width:.1f}", f"{b.height:.1f}", b.slice_number]
                 for w in train for b in w.boxes))
     listed = [w.spec.uid for w in written if w.spec.split == "test"]
     listed.append(missing_test_uid([w.spec for w in written]))
     rows = [(f"{uid}_{t}", uid, t) for uid in listed for t in TARGETS]
-    _write_csv(root / "test.csv", ("row_id", "StudyInstanceUID", "prediction_type"), rows)
+    _write_csv(root / "test.csv", TEST_COLUMNS, rows)
     _write_csv(root / "sample_submission.csv", ("row_id", "fractured"), ((r[0], "0.5") for r in rows))
 
 

@@ -142,7 +142,7 @@ def _write_slices(study: SynthStudy, folder: Path, pixels: np.ndarray, common: d
 
 def segmentation_affine(study: SynthStudy) -> np.ndarray:
     """NIfTI (RAS) affine of the RSNA-style array: i = column, j = reversed row, k = feet -> head."""
-    nz, ny, _ = study.labels.shape
+    ny = study.labels.shape[1]
     dz, dy, dx = study.spacing
     x0, y0 = study.corner_xy
     z_feet = float(study.z_positions[-1])

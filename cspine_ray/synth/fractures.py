@@ -71,7 +71,7 @@ def severity_params(name: str, pixel_mm: float, rng: np.random.Generator) -> Sev
         return Severity(float(rng.uniform(0.8, 1.2)), pixel_mm, 0.6, (0.15, 0.25), 0.7, 140.0)
     if name == "obvious":
         gap = max(3.0, 1.5 * pixel_mm)
-        return Severity(gap, max(3.0, 1.5 * pixel_mm), 1.0, (0.35, 0.5), 1.6, 220.0)
+        return Severity(gap, gap, 1.0, (0.35, 0.5), 1.6, 220.0)
     raise ValueError(f"severity must be one of {SEVERITIES}, got {name!r}")
 
 

@@ -212,7 +212,7 @@ def _body(d: VertebraDims, uncinate: bool) -> list:
     return shapes
 
 
-def _posterior_arch(level: str, d: VertebraDims, lay: dict, heavy: float = 1.0) -> list:
+def _posterior_arch(d: VertebraDims, lay: dict, heavy: float = 1.0) -> list:
     """Pedicles, articular pillars, laminae and the spinous process."""
     h = d.h
     slope = float(lay["slope"])
@@ -266,14 +266,14 @@ def _subaxial_transverse(level: str, d: VertebraDims, lay: dict) -> list:
 
 def vertebra_shapes(level: str, d: VertebraDims, facet_slope: float = 0.9) -> list:
     """All shapes of one vertebra in its local frame."""
-    lay = vertebra_layout(level, d, facet_slope)
     if level == "C1":
         return _atlas_shapes(d)
+    lay = vertebra_layout(level, d, facet_slope)
     if level == "C2":
         return _axis_shapes(d, lay)
     if level.startswith("T"):
         return _thoracic_shapes(level, d, lay)
-    return (_body(d, uncinate=True) + _posterior_arch(level, d, lay) + _subaxial_transverse(level, d, lay)
+    return (_body(d, uncinate=True) + _posterior_arch(d, lay) + _subaxial_transverse(level, d, lay)
             + _canal_cut(d, lay))
 
 
@@ -307,12 +307,12 @@ def _axis_shapes(d: VertebraDims, lay: dict) -> list:
         shapes.append(elliptic_cylinder((-1.0, 0.3, side * 17.5), (2.3, 2.3), 3.5, op="cut"))
         shapes.append(capsule(_mirror(lay["pars_a"], side), _mirror(lay["pars_b"], side), 3.2,
                               op="blend", blend=2.0))
-    shapes += _posterior_arch("C2", d, lay, heavy=1.3)
+    shapes += _posterior_arch(d, lay, heavy=1.3)
     return shapes + _canal_cut(d, lay)
 
 
 def _thoracic_shapes(level: str, d: VertebraDims, lay: dict) -> list:
-    shapes = _body(d, uncinate=False) + _posterior_arch(level, d, lay, heavy=1.15)
+    shapes = _body(d, uncinate=False) + _posterior_arch(d, lay, heavy=1.15)
     for side in (-1, 1):  # transverse processes point back and out, ribs articulate with them
         shapes.append(swept_segment(_mirror(lay["pillar"] + np.array([-1.0, 0.0, 0.0]), side),
                                     _mirror(lay["tp_tip"], side), 3.6, axis=0, half=3.8,
@@ -408,9 +408,9 @@ def shoulder_parts(anat: Anatomy) -> list[Part]:
     d1, d2 = anat.dims["T1"], anat.dims["T2"]
     front = -d2.b - 42.0 * k  # the sternal notch lies ~4-5 cm in front of T2
     parts = []
+    lay1, lay2 = vertebra_layout("T1", d1), vertebra_layout("T2", d2)
     ribs = []
     for side in (-1, 1):
-        lay1 = vertebra_layout("T1", d1)
         head1 = np.array([0.0, 0.5 * d1.b, side * (d1.a + 1.5)])
         tp1 = _mirror(lay1["tp_tip"], side) + np.array([2.0, -3.0, 0.0])
         mid1 = np.array([14.0 * k, 0.0, side * (d1.a + 50.0 * k)])
@@ -421,7 +421,6 @@ def shoulder_parts(anat: Anatomy) -> list[Part]:
     parts.append(Part("first ribs", t1, tuple(ribs), _bone(anat, 800.0, 220.0, 1.1)))
     ribs2 = []
     for side in (-1, 1):
-        lay2 = vertebra_layout("T2", d2)
         head2 = np.array([0.0, 0.5 * d2.b, side * (d2.a + 1.5)])
         tp2 = _mirror(lay2["tp_tip"], side) + np.array([2.0, -3.0, 0.0])
         mid2 = np.array([12.0 * k, -5.0 * k, side * (d2.a + 78.0 * k)])
@@ -479,14 +478,11 @@ def lung_parts(anat: Anatomy) -> list[Part]:
 
 # ----------------------------------------------------------------------------- soft tissue
 
-def _levels_interp(anat: Anatomy, s: np.ndarray, values: dict[str, float], top: float,
-                   bottom: float | None = None) -> np.ndarray:
+def _levels_interp(anat: Anatomy, s: np.ndarray, values: dict[str, float], top: float) -> np.ndarray:
     """Per-slice profile through per-level values (C1..T3), `top` at the first slice."""
-    xs = [0.0] + [anat.s_level[n] for n in LEVELS] + [anat.s_level["T3"] + 200.0]
-    names = list(LEVELS)
-    ys = [top] + [values[n] for n in names] + [values["T3"] if bottom is None else bottom]
-    order = np.argsort(xs)
-    return np.interp(s, np.asarray(xs)[order], np.asarray(ys)[order]).astype(np.float32)
+    xs = [0.0] + [anat.s_level[n] for n in LEVELS] + [anat.s_level["T3"] + 200.0]  # increasing
+    ys = [top] + [values[n] for n in LEVELS] + [values["T3"]]
+    return np.interp(s, xs, ys).astype(np.float32)
 
 
 def _profile(anat: Anatomy, s: np.ndarray, table: tuple[float, ...], scale: float = 1.0) -> np.ndarray:

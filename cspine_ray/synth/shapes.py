@@ -121,11 +121,11 @@ def round_box(center, half, radius: float = 0.0, matrix=None, op: str = "union",
         inside = np.minimum(np.maximum(np.maximum(q[0], q[1]), q[2]), 0.0)
         return outside + inside - radius
 
-    # conservative box: the longest half-diagonal in every direction (covers rotation/shear)
-    reach = float(np.linalg.norm(np.asarray(half))) * (1.0 if m is None else 1.6)
     if m is None:
         lo, hi = c - np.asarray(half), c + np.asarray(half)
     else:
+        # conservative box: 1.6 x the half-diagonal in every direction (covers rotation/shear)
+        reach = float(np.linalg.norm(np.asarray(half))) * 1.6
         lo, hi = c - reach, c + reach
     return Shape(sdf, *_box(lo, hi), op=op, blend=blend)
 
@@ -334,9 +334,9 @@ def paint_part(canvas: Canvas, part: Part, mods: Modifiers | None = None,
     mods = mods or Modifiers()
     shapes = list(part.shapes) + list(mods.extra)
     pad = 1.5 * max(canvas.spacing) + mods.pad_mm
-    solid = [s for s in shapes if s.op != "cut"]
-    los = [_world_box(part.frame, s.lo, s.hi, pad) for s in solid]
-    block = _index_box(canvas, np.min([l for l, _ in los], axis=0), np.max([h for _, h in los], axis=0))
+    boxes = [_world_box(part.frame, s.lo, s.hi, pad) for s in shapes]
+    solid = [box for s, box in zip(shapes, boxes) if s.op != "cut"]
+    block = _index_box(canvas, np.min([lo for lo, _ in solid], axis=0), np.max([hi for _, hi in solid], axis=0))
     if block is None:
         return
     starts = [sl.start for sl in block]
@@ -350,8 +350,7 @@ def paint_part(canvas: Canvas, part: Part, mods: Modifiers | None = None,
         P = mods.warp(P)
 
     d = np.full(P.shape[1:], np.inf, dtype=np.float32)
-    for shape in shapes:
-        wlo, whi = _world_box(part.frame, shape.lo, shape.hi, pad)
+    for shape, (wlo, whi) in zip(shapes, boxes):
         sub = _index_box(canvas, wlo, whi)
         if sub is None:
             continue

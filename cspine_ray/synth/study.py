@@ -7,7 +7,7 @@ study's truth instead of storing it. Volumes are canonical (z, y, x), slices hea
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from pydicom.uid import ExplicitVRLittleEndian
@@ -76,18 +76,18 @@ class SynthStudy:
     hu: np.ndarray                  # int16 (z, y, x), canonical head -> feet
     labels: np.ndarray              # uint8 (z, y, x): 1..7 C1..C7, 8.. T1..
     spacing: tuple[float, float, float]   # (dz, dy, dx) mm
-    slice_thickness: float
     z_positions: np.ndarray         # patient z (mm, DICOM LPS) of each canonical slice
     corner_xy: tuple[float, float]  # patient (x, y) of the centre of pixel (row 0, col 0)
     instance_numbers: np.ndarray    # InstanceNumber of each canonical slice
     fractures: tuple[Fracture, ...]
     distractors: tuple[Distractor, ...]
     boxes: tuple[FractureBox, ...]
-    noise_hu: float = field(default=0.0)
+    noise_hu: float = 0.0
 
     @property
-    def fractured(self) -> dict[str, int]:
-        return {v: int(v in self.spec.fractured) for v in VERTEBRAE}
+    def slice_thickness(self) -> float:
+        """Contiguous slices: as thick as they are apart."""
+        return self.spacing[0]
 
 
 def _rngs(spec: StudySpec) -> list[np.random.Generator]:
@@ -144,7 +144,7 @@ def synth_study(spec: StudySpec) -> SynthStudy:
     k = np.arange(nz)
     instances = (nz - k) if spec.z_increases_with_instance else (k + 1)
     boxes = _fracture_boxes(result, canvas.labels, fractures, instances)
-    return SynthStudy(spec, hu, canvas.labels, (dz, px, px), dz, z_positions, corner, instances,
+    return SynthStudy(spec, hu, canvas.labels, (dz, px, px), z_positions, corner, instances,
                       tuple(fractures), tuple(distractors), boxes, noise)
 
 
