@@ -495,10 +495,11 @@ def _decode_hu(path: Path, study: str) -> np.ndarray:
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(path, force=True)
             pixels = ds.pixel_array
-            slope, intercept = ds.get("RescaleSlope", 1), ds.get("RescaleIntercept", 0)
-            if ("ModalityLUTSequence" not in ds and pixels.dtype.kind in "iu"
-                    and float(slope) == 1 and float(intercept).is_integer()):
-                hu = pixels.astype(np.int32) + int(float(intercept))  # integer CT rescale: no float pass
+            # the rescale apply_modality_lut would do (both tags, no LUT), in integers when it can
+            if ("ModalityLUTSequence" not in ds and "RescaleSlope" in ds and "RescaleIntercept" in ds
+                    and pixels.dtype.kind in "iu" and float(ds.RescaleSlope) == 1
+                    and float(ds.RescaleIntercept).is_integer()):
+                hu = pixels.astype(np.int32) + int(float(ds.RescaleIntercept))  # integer CT rescale: no float pass
             else:
                 hu = apply_modality_lut(pixels, ds)  # RescaleSlope/Intercept or a modality LUT
     except Exception as exc:  # decoder plugins raise assorted types
