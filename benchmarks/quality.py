@@ -27,7 +27,6 @@ because other users share the CPUs; a reused result shows the time of the run th
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import os
@@ -130,16 +129,11 @@ def preprocess(data: Path, args: argparse.Namespace) -> Path:
 # ----------------------------------------------------------------------------- training
 
 def family_config(family: str, args: argparse.Namespace):
-    from cspine_ray.config import from_dict
-    from cspine_ray.train.config import TrainConfig
+    from cspine_ray.tune.space import build_config
 
-    data = copy.deepcopy(BASE)
-    data["family"] = family
-    data["backbone"] = args.backbone
-    data["stage1"]["backbone"] = args.backbone
-    data["optim"]["epochs"] = args.epochs
-    data["optim"]["t0"] = args.epochs  # one cosine cycle over the whole run
-    return from_dict(TrainConfig, data)
+    return build_config(BASE, {"family": family, "backbone": args.backbone,
+                               "stage1.backbone": args.backbone, "optim.epochs": args.epochs,
+                               "optim.t0": args.epochs})  # one cosine cycle over the whole run
 
 
 class Timings:

@@ -13,7 +13,6 @@ the fraction of training time spent waiting for data, which should stay small.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import tempfile
 import time
@@ -22,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cspine_ray.config import from_dict
 from cspine_ray.train.config import TrainConfig
+from cspine_ray.tune.space import build_config
 
 CONFIG = {
     "family": "two_stage",
@@ -50,10 +49,8 @@ def prepare(args) -> tuple[Path, TrainConfig, Path]:
                                           slice_spacing=3.0, severity="obvious"))
     shards = root / f"shards-{args.studies}-{args.size}"
     run_preprocess(data, shards, PreprocessConfig(size=args.size, n_folds=2))
-    cfg = copy.deepcopy(CONFIG)
-    cfg["optim"]["epochs"] = args.epochs
-    cfg["resources"]["cpus_per_worker"] = float(args.threads)
-    cfg = from_dict(TrainConfig, cfg)
+    cfg = build_config(CONFIG, {"optim.epochs": args.epochs,
+                                "resources.cpus_per_worker": float(args.threads)})
     stage1 = ensure_stage1(cfg, shards, root / "runs")
     return shards, cfg, stage1.path
 

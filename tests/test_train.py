@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import signal
 import threading
@@ -16,25 +15,17 @@ import torch
 
 from conftest import TINY_TRAIN
 from cspine_ray import VERTEBRAE
-from cspine_ray.config import from_dict
 from cspine_ray.predict.ensemble import load_fold_models
 from cspine_ray.train.config import TrainConfig
-from cspine_ray.train.job import ensure_stage1, evaluate_result, load_result, train
+from cspine_ray.train.job import ensure_stage1, evaluate_result, train
 from cspine_ray.train.tasks import JobData, make_task
+from cspine_ray.tune.space import build_config
 
 pytestmark = pytest.mark.slow
 
 
 def tiny(family: str, **changes) -> TrainConfig:
-    data = copy.deepcopy(TINY_TRAIN)
-    data["family"] = family
-    for key, value in changes.items():
-        *parents, last = key.split(".")
-        node = data
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return from_dict(TrainConfig, data)
+    return build_config({**TINY_TRAIN, "family": family}, changes)
 
 
 @pytest.fixture(scope="module")

@@ -108,7 +108,7 @@ def _label_coords(data: np.ndarray, ids: list[int]) -> tuple[np.ndarray, ...]:
     hit = lut[data if data.dtype == np.uint8 else data.astype(np.uint8)]
     # walk the array in memory order (NIfTI data are Fortran-ordered): ~100x faster than C order
     order = "F" if hit.flags.f_contiguous and not hit.flags.c_contiguous else "C"
-    flat = np.flatnonzero(hit.ravel(order="K" if order == "F" else "C"))
+    flat = np.flatnonzero(hit.ravel(order=order))
     flat = flat[:: max(1, len(flat) // _MAX_SAMPLES)]
     return np.unravel_index(flat, data.shape, order=order)
 

@@ -91,10 +91,8 @@ def evaluate_result(result: TrainResult, shards_dir: str | Path, top_n: int | No
     per_fold = {int(k): score_predictions(part.drop(columns="fold"), data, top_n)
                 for k, part in oof.groupby("fold")}
     preds = to_targets(oof, top_n)
-    labels = pd.DataFrame([data.labels[u] for u in preds.index], index=preds.index,
-                          columns=list(TARGETS))
     return {**summarize_folds(per_fold),
-            **{f"oof_{k}": v for k, v in evaluate(labels, preds).items()}}
+            **{f"oof_{k}": v for k, v in evaluate(data.label_frame(preds.index), preds).items()}}
 
 
 def evaluate_prior(shards_dir: str | Path) -> dict[str, float]:
@@ -104,11 +102,11 @@ def evaluate_prior(shards_dir: str | Path) -> dict[str, float]:
     OTHER folds (as the fold model that did not see it would be), so no label leaks in.
     """
     data = JobData.load(shards_dir)
-    labels = pd.DataFrame([data.labels[u] for u in data.uids], index=data.uids,
-                          columns=list(TARGETS))
-    preds = pd.DataFrame([data.prior([v for v in data.uids if data.folds[v] != data.folds[u]])
-                          for u in data.uids], index=data.uids, columns=list(TARGETS))
-    return {f"oof_{k}": v for k, v in evaluate(labels, preds.astype(np.float64)).items()}
+    fold_prior = {f: data.prior(data.split(f)[0]) for f in set(data.folds.values())}
+    preds = pd.DataFrame([fold_prior[data.folds[u]] for u in data.uids], index=data.uids,
+                         columns=list(TARGETS))
+    figures = evaluate(data.label_frame(data.uids), preds.astype(np.float64))
+    return {f"oof_{k}": v for k, v in figures.items()}
 
 
 @contextlib.contextmanager

@@ -66,6 +66,10 @@ class JobData:
     def fold_uids(self, fold: int) -> list[str]:
         return [u for u in self.uids if self.folds[u] == fold]
 
+    def label_frame(self, uids) -> pd.DataFrame:
+        """The 8 labels of `uids` (index study_uid, columns TARGETS)."""
+        return pd.DataFrame([self.labels[u] for u in uids], index=uids, columns=list(TARGETS))
+
     def prior(self, uids: list[str]) -> np.ndarray:
         """Prevalence of each target among `uids` (the fallback for a vertebra not found)."""
         y = np.stack([self.labels[u] for u in uids]) if uids else np.full((1, 8), 0.5)
@@ -166,7 +170,7 @@ def to_targets(preds: pd.DataFrame, top_n: int | None) -> pd.DataFrame:
 
 def score_predictions(preds: pd.DataFrame, data: JobData, top_n: int | None) -> dict[str, float]:
     wide = to_targets(preds, top_n)
-    labels = pd.DataFrame([data.labels[u] for u in wide.index], index=wide.index, columns=list(TARGETS))
+    labels = data.label_frame(wide.index)
     scores = evaluate(labels, wide)
     y = labels[list(VERTEBRAE)].to_numpy()
     p = np.clip(wide[list(VERTEBRAE)].to_numpy(), EPS, 1 - EPS)
