@@ -54,10 +54,10 @@ def run_predict(model_uri: str, input_dir: str, out: str, wide: str | None = Non
                 replicas: int | None = None, gpus_per_replica: float | None = None,
                 batch_size: int = 4, work_dir: str | None = None,
                 address: str | None = None) -> pd.DataFrame:
-    import mlflow.pyfunc
     import ray
 
     from cspine_ray.predict.inputs import discover_studies, shard_study
+    from cspine_ray.predict.pyfunc import bundle_preprocess
     from cspine_ray.runtime import init_ray
 
     studies = discover_studies(input_dir)
@@ -67,7 +67,7 @@ def run_predict(model_uri: str, input_dir: str, out: str, wide: str | None = Non
     work.mkdir(parents=True, exist_ok=True)
     try:
         model_path = local_model(model_uri, tracking_uri, work)
-        preprocess = mlflow.pyfunc.load_model(model_path).unwrap_python_model().preprocess
+        preprocess = bundle_preprocess(model_path)  # the replicas load the models themselves
         init_ray(address=address)
         gpus = ray.cluster_resources().get("GPU", 0)
         if gpus_per_replica is None:

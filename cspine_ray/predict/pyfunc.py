@@ -25,6 +25,7 @@ import pandas as pd
 from cspine_ray import TARGETS
 
 KEEP = ("result.json", "config.yaml")
+PREPROCESS = "preprocess.json"
 
 
 def make_bundle(result_dir: str | Path, stage1_dir: str | Path | None, shards_dir: str | Path,
@@ -38,7 +39,7 @@ def make_bundle(result_dir: str | Path, stage1_dir: str | Path | None, shards_di
         for f in Path(source).iterdir():
             if f.name in KEEP or (f.name.startswith("fold_") and f.suffix == ".pt"):
                 shutil.copy2(f, target / f.name)
-    shutil.copy2(Path(shards_dir) / "preprocess.json", out / "preprocess.json")
+    shutil.copy2(Path(shards_dir) / PREPROCESS, out / PREPROCESS)
     (out / "model.json").write_text(json.dumps(info, indent=1))
     return out
 
@@ -55,7 +56,7 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         stage1 = bundle / "stage1"
         self.ensemble = Ensemble.load(bundle / "result", stage1 if stage1.exists() else None,
                                       top_n=self.info.get("top_n"))
-        self.preprocess = load_preprocess_config(bundle / "preprocess.json")
+        self.preprocess = load_preprocess_config(bundle / PREPROCESS)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from cspine_ray.predict.inputs import shard_study
@@ -66,6 +67,16 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         with tempfile.TemporaryDirectory(prefix="cspine-predict-") as work:
             rows = [shard_study(item, self.preprocess, work) for item in items]
             return predict_sharded(self.ensemble, work, rows)
+
+
+def bundle_preprocess(model_path: str | Path):
+    """The preprocessing settings of a local EnsembleModel folder, read without loading its models."""
+    from mlflow.models import Model
+
+    from cspine_ray.predict.inputs import load_preprocess_config
+
+    artifact = Model.load(str(model_path)).flavors["python_function"]["artifacts"]["bundle"]["path"]
+    return load_preprocess_config(Path(model_path) / artifact / PREPROCESS)
 
 
 def predict_sharded(ensemble, work_dir: str, rows: list[dict],
