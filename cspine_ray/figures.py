@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cspine_ray import TARGETS, VERTEBRAE  # noqa: E402
+from cspine_ray.datasets.windowing import apply_windows  # noqa: E402
 from cspine_ray.metric import roc_auc  # noqa: E402
 
 
@@ -71,10 +72,6 @@ def calibration_figure(labels: np.ndarray, probs: np.ndarray, bins: int = 10):
     return fig
 
 
-def _window(hu: np.ndarray, centre: float = 450.0, width: float = 1800.0) -> np.ndarray:
-    return np.clip((hu - (centre - width / 2)) / width, 0, 1)
-
-
 def sagittal_figure(volume: np.ndarray, spacing: tuple[float, float, float],
                     probs: np.ndarray, slice_table: np.ndarray | None = None,
                     labels: np.ndarray | None = None, title: str = ""):
@@ -92,7 +89,7 @@ def sagittal_figure(volume: np.ndarray, spacing: tuple[float, float, float],
             boxes = slice_table[shown, 7:]
             x = int(np.clip((boxes[:, 0] + boxes[:, 2]).mean() / 2 * w, 0, w - 1))
             front, back = boxes[:, 1].mean() * h, boxes[:, 3].mean() * h
-    image = _window(np.asarray(volume[:, :, x], dtype=np.float32))
+    image = apply_windows(volume[:, :, x], ["bone"])[0]
     fig, (ax, bar) = plt.subplots(1, 2, figsize=(8, 7), gridspec_kw={"width_ratios": [3, 1]})
     ax.imshow(image, cmap="gray", aspect=spacing[0] / spacing[1], interpolation="bilinear")
     ax.set_axis_off()

@@ -89,10 +89,7 @@ def promote(tracking_uri: str, experiment: str | None = None, run_id: str | None
             logged = mlflow.pyfunc.log_model(
                 name="ensemble", python_model=EnsembleModel(), artifacts={"bundle": str(bundle)},
                 metadata=info, pip_requirements=_requirements())
-    version = mlflow.register_model(logged.model_uri, name,
-                                    tags={"cv_metric": str(cv), "run_id": run.info.run_id})
-    for k, v in info.items():
-        client.set_model_version_tag(name, version.version, k, str(v))
+    version = mlflow.register_model(logged.model_uri, name, tags={k: str(v) for k, v in info.items()})
 
     champion = _champion(client, name)
     old_cv = float(champion.tags["cv_metric"]) if champion and "cv_metric" in champion.tags else None

@@ -65,10 +65,6 @@ class TrainResult:
         """Raw out-of-fold study predictions: study_uid, fold, C1..C7 (+ patient_model)."""
         return pd.read_parquet(self.path / "oof.parquet")
 
-    def oof_targets(self, top_n: int | None) -> pd.DataFrame:
-        """The 8 submission columns per study (index study_uid) under the top-N rule."""
-        return to_targets(self.oof().set_index("study_uid"), top_n)
-
     def fold_weights(self, fold: int) -> dict:
         """Best-epoch state dict of one fold model."""
         return torch_load(self.path / f"fold_{fold}.pt")["model"]

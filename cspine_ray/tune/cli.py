@@ -49,7 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cspine_ray.preprocess.pipeline import run_preprocess  # noqa: F401  (fail early on imports)
     from cspine_ray.runtime import init_ray
     from cspine_ray.tune.data import demo_dataset, demo_preprocess_config, prepared_shards
     from cspine_ray.tune.search import SearchOptions, final_results, run_search

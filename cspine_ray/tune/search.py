@@ -46,16 +46,15 @@ def max_epochs(space: SearchSpace) -> int:
     return int(best)
 
 
-def concurrency(space: SearchSpace, n_folds: int, opts: SearchOptions) -> int:
+def concurrency(space: SearchSpace, n_workers: int, opts: SearchOptions) -> int:
     """Trials at once: what the cluster holds, each trial needing its fold workers' resources."""
     import ray
 
     resources = ray.cluster_resources()
-    workers = (opts.overrides or {}).get("resources.num_workers") or n_folds
     if opts.gpus_per_trial > 0:
         fits = resources.get("GPU", 0) / opts.gpus_per_trial
     else:
-        fits = resources.get("CPU", 1) / max(workers * opts.cpus_per_worker, 1e-9)
+        fits = resources.get("CPU", 1) / max(n_workers * opts.cpus_per_worker, 1e-9)
     fits = max(1, math.floor(fits + 1e-9))
     if space.budget.max_concurrent:
         fits = min(fits, space.budget.max_concurrent)
@@ -126,7 +125,7 @@ def run_search(opts: SearchOptions):
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,
                                         metric="cv_metric", mode="min",
-                                        max_concurrent_trials=concurrency(space, n_folds, opts)),
+                                        max_concurrent_trials=concurrency(space, n_workers, opts)),
             run_config=tune.RunConfig(name=name, storage_path=str(storage / "tune"),
                                       callbacks=[tracker], verbose=1),
         )

@@ -12,6 +12,7 @@ creating duplicates.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -37,6 +38,7 @@ _EPOCH_METRICS = re.compile(r"^(cv_(metric|auc_mean|auc_patient_overall|val_loss
 _FINAL_METRICS = re.compile(r"^(oof_.*|trial_seconds)$")
 
 
+@functools.cache
 def code_version() -> str:
     """Package version plus the git commit of the checkout it runs from, when there is one."""
     try:
@@ -70,27 +72,25 @@ def numeric_metrics(result: dict) -> dict[str, float]:
     return keep
 
 
-def trial_artifacts(result_dir: str, shards_dir: str, top_n: int | None, out: Path,
+def trial_artifacts(result, shards_dir: str, top_n: int | None, out: Path,
                     n_views: int = 3) -> None:
-    """Write a finished trial's artifacts into `out` (predictions, figures, config)."""
+    """Write a finished trial's artifacts (its TrainResult's predictions, figures, config) into `out`."""
     import pandas as pd
 
     from cspine_ray.figures import calibration_figure, roc_figure, sagittal_figure, save
     from cspine_ray.preprocess.shards import open_shard
-    from cspine_ray.train.job import load_result
     from cspine_ray.train.tasks import JobData
-    from cspine_ray.train.tasks.base import SLICE_TABLES, load_slice_tables
+    from cspine_ray.train.tasks.base import SLICE_TABLES, load_slice_tables, to_targets
 
-    result = load_result(result_dir)
     data = JobData.load(shards_dir)
     oof = result.oof().set_index("study_uid")
-    preds = result.oof_targets(top_n)
+    preds = to_targets(oof, top_n)
     labels = np.stack([data.labels[u] for u in preds.index])
     table = preds.assign(fold=oof["fold"]).reset_index()
     table.to_csv(out / "oof_predictions.csv", index=False)
     save(roc_figure(labels, preds.to_numpy()), out / "roc.png")
     save(calibration_figure(labels, preds.to_numpy()), out / "calibration.png")
-    (out / "config.yaml").write_text((Path(result_dir) / "config.yaml").read_text())
+    (out / "config.yaml").write_text((result.path / "config.yaml").read_text())
     (out / "history.json").write_text(json.dumps(result.info["history"], indent=1, default=float))
 
     tables = {}
@@ -231,7 +231,7 @@ class MlflowTracker(Callback):
                            else trained.config.backbone)
             with tempfile.TemporaryDirectory() as tmp:
                 try:
-                    trial_artifacts(result["result_dir"], self.shards_dir, top_n, Path(tmp))
+                    trial_artifacts(trained, self.shards_dir, top_n, Path(tmp))
                     client.log_artifacts(run_id, tmp)
                 except Exception:  # figures must never lose a finished trial's run
                     log.exception("trial %s: could not write artifacts", trial.trial_id)

@@ -47,17 +47,16 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from cspine_ray.preprocess.manifest import manifest_hash, read_manifest
-    from cspine_ray.train.job import ensure_stage1, evaluate_result, result_folder, run_task
+    from cspine_ray.train.job import ensure_stage1, evaluate_result, run_task
 
     start = time.time()
     cfg = trial_config(config, setup)
     stage1 = ensure_stage1(cfg, setup.shards_dir, setup.storage) if cfg.needs_stage1 else None
     key = cfg.training_key(manifest_hash(read_manifest(setup.shards_dir)))
-    # per-epoch reports only when this trial really trains (a finished result reports once)
-    finished = result_folder(setup.storage, cfg.family, key).joinpath("result.json").exists()
+    # per-epoch reports come only from a trial that really trains: run_task never starts
+    # Ray Train (nor its callbacks) when it reuses a finished result
     result = run_task(cfg.family, cfg, setup.shards_dir, setup.storage, key,
-                      stage1_dir=stage1.path if stage1 else None,
-                      callbacks=[] if finished else [TuneReportCallback()])
+                      stage1_dir=stage1.path if stage1 else None, callbacks=[TuneReportCallback()])
     figures = evaluate_result(result, setup.shards_dir, cfg.effective_top_n)
     ray.tune.report({
         "cv_metric": figures["cv_metric"],          # first: the keys progress tables show
