@@ -133,7 +133,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cspine_ray.tune.tracking import sqlite_uri
+    from cspine_ray.runtime import sqlite_uri
 
     uri = args.tracking_uri or sqlite_uri(Path("runs") / "mlflow.db")
     p = promote(uri, experiment=args.experiment, run_id=args.run_id, name=args.name, force=args.force)

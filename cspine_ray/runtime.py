@@ -1,9 +1,10 @@
-"""Starting or joining Ray the same way from every step."""
+"""Starting or joining Ray the same way from every step, and naming the local MLflow store."""
 
 from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -29,3 +30,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory,
              include_dashboard=dashboard, log_to_driver=True)
     log.info("started local Ray with %s CPUs", ray.cluster_resources().get("CPU"))
+
+
+def sqlite_uri(path: str | Path) -> str:
+    """The MLflow tracking URI of a local sqlite store (tune writes it; promote and predict read it)."""
+    return f"sqlite:///{Path(path).resolve()}"

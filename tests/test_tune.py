@@ -21,7 +21,7 @@ from cspine_ray import TARGETS
 from cspine_ray.cli import main
 from cspine_ray.metric import read_submission
 from cspine_ray.promote import promote
-from cspine_ray.tune.tracking import sqlite_uri
+from cspine_ray.runtime import sqlite_uri
 
 pytestmark = pytest.mark.slow
 

@@ -136,7 +136,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cspine_ray.tune.tracking import sqlite_uri
+    from cspine_ray.runtime import sqlite_uri
 
     tracking = args.tracking_uri
     if tracking is None and args.model.startswith("models:/"):

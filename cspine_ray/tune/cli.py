@@ -49,11 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cspine_ray.runtime import init_ray
+    from cspine_ray.runtime import init_ray, sqlite_uri
     from cspine_ray.tune.data import demo_dataset, demo_preprocess_config, prepared_shards
     from cspine_ray.tune.search import SearchOptions, final_results, run_search
     from cspine_ray.tune.space import DemoData, load_space
-    from cspine_ray.tune.tracking import sqlite_uri
 
     space_file = find_space(args.space)
     space = load_space(space_file)

@@ -49,10 +49,6 @@ def code_version() -> str:
     return f"{cspine_ray.__version__}+{commit}" if commit else cspine_ray.__version__
 
 
-def sqlite_uri(path: str | Path) -> str:
-    return f"sqlite:///{Path(path).resolve()}"
-
-
 def get_or_create_experiment(client, name: str, artifact_root: Path | None) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
