@@ -129,7 +129,7 @@ def preprocess(data: Path, args: argparse.Namespace) -> Path:
 # ----------------------------------------------------------------------------- training
 
 def family_config(family: str, args: argparse.Namespace):
-    from cspine_ray.tune.space import build_config
+    from cspine_ray.train.config import build_config
 
     return build_config(BASE, {"family": family, "backbone": args.backbone,
                                "stage1.backbone": args.backbone, "optim.epochs": args.epochs,

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from cspine_ray.train.config import TrainConfig
-from cspine_ray.tune.space import build_config
+from cspine_ray.train.config import build_config
 
 CONFIG = {
     "family": "two_stage",

@@ -144,3 +144,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def from_yaml(cls: type[T], path: str | Path) -> T:
     return from_dict(cls, load_yaml(path))
+
+
+def set_dotted(config: dict, key: str, value: Any) -> None:
+    """config["a"]["b"] = value for key "a.b" (creating the intermediate mappings)."""
+    *parents, last = key.split(".")
+    node = config
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {p} is not a section")
+    node[last] = value

@@ -10,7 +10,8 @@ import yaml
 
 from cspine_ray.config import ConfigError
 from cspine_ray.tune.search import max_epochs
-from cspine_ray.tune.space import DefineByRun, build_config, load_space, trial_values
+from cspine_ray.train.config import build_config
+from cspine_ray.tune.space import DefineByRun, load_space, trial_values
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 

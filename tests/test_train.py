@@ -19,7 +19,7 @@ from cspine_ray.predict.ensemble import load_fold_models
 from cspine_ray.train.config import TrainConfig
 from cspine_ray.train.job import ensure_stage1, evaluate_result, train
 from cspine_ray.train.tasks import JobData, make_task
-from cspine_ray.tune.space import build_config
+from cspine_ray.train.config import build_config
 
 pytestmark = pytest.mark.slow
 

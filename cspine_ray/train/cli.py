@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from cspine_ray.config import from_dict, load_yaml
+from cspine_ray.config import load_yaml
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,20 +25,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from cspine_ray.train.config import TrainConfig
+    from cspine_ray.train.config import build_config
 
-    data = load_yaml(args.config) if args.config else {}
-    if args.family:
-        data["family"] = args.family
-    if args.epochs is not None:
-        data.setdefault("optim", {})["epochs"] = args.epochs
-    if args.num_workers is not None:
-        data.setdefault("resources", {})["num_workers"] = args.num_workers
-    if args.gpus_per_worker is not None:
-        data.setdefault("resources", {})["gpus_per_worker"] = args.gpus_per_worker
-    if args.pretrained:
-        data["pretrained"] = True
-    return from_dict(TrainConfig, data)
+    overrides = {"family": args.family or None, "optim.epochs": args.epochs,
+                 "resources.num_workers": args.num_workers,
+                 "resources.gpus_per_worker": args.gpus_per_worker,
+                 "pretrained": args.pretrained or None}
+    return build_config(load_yaml(args.config) if args.config else {},
+                        {k: v for k, v in overrides.items() if v is not None})
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,12 +7,13 @@ epochs, stage 2 with L=8 steps at 320 px for 20 epochs, threshold 0.3, top-N wit
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from cspine_ray.config import from_dict, to_dict
+from cspine_ray.config import from_dict, set_dotted, to_dict
 from cspine_ray.datasets.augment import AugmentConfig
 
 FAMILIES = ("cnn3d", "single_head", "multi_head", "two_stage")
@@ -164,3 +165,11 @@ def _digest(d: dict) -> str:
 
 def load_train_config(data: dict | None) -> TrainConfig:
     return from_dict(TrainConfig, data or {})
+
+
+def build_config(base: dict, values: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from plain `base` settings with dotted-key overrides ("optim.lr": 1e-3)."""
+    config = copy.deepcopy(base)
+    for key, value in values.items():
+        set_dotted(config, key, value)
+    return from_dict(TrainConfig, config)

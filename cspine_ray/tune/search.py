@@ -8,7 +8,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cspine_ray.tune.space import SearchSpace, build_config, DefineByRun, is_param
+from cspine_ray.train.config import build_config
+from cspine_ray.tune.space import DefineByRun, SearchSpace, is_param
 from cspine_ray.tune.tracking import MlflowTracker
 from cspine_ray.tune.trial import TrialSetup, run_trial
 

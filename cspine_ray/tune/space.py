@@ -25,13 +25,12 @@ a search starts, so a typo fails at once with a message naming the key.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cspine_ray.config import ConfigError, from_dict, load_yaml
-from cspine_ray.train.config import FAMILIES, TrainConfig
+from cspine_ray.train.config import FAMILIES, TrainConfig, build_config
 
 PARAM_TYPES = ("categorical", "int", "float", "log_float")
 TOP_LEVEL = ("description", "base", "params", "conditional", "budget", "demo")
@@ -114,24 +113,6 @@ def _check_param(where: str, spec: Any) -> None:
         raise ConfigError(f"{where}: low must be < high (got {spec['low']} and {spec['high']})")
     if (kind == "log_float" or spec.get("log")) and spec["low"] <= 0:
         raise ConfigError(f"{where}: a log-scale parameter needs low > 0")
-
-
-def set_dotted(config: dict, key: str, value: Any) -> None:
-    """config["a"]["b"] = value for key "a.b" (creating the intermediate mappings)."""
-    *parents, last = key.split(".")
-    node = config
-    for p in parents:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{key}: {p} is not a section")
-    node[last] = value
-
-
-def build_config(base: dict, values: dict[str, Any]) -> TrainConfig:
-    config = copy.deepcopy(base)
-    for key, value in values.items():
-        set_dotted(config, key, value)
-    return from_dict(TrainConfig, config)
 
 
 def _extremes(spec: Any) -> list[Any]:

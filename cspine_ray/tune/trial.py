@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from cspine_ray.tune.space import build_config, trial_values
+from cspine_ray.train.config import build_config
+from cspine_ray.tune.space import trial_values
 
 log = logging.getLogger(__name__)
 
