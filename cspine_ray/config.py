@@ -7,6 +7,8 @@ types with a message naming the key, so a typo in a YAML file never silently bec
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import types
 import typing
 from pathlib import Path
@@ -155,3 +157,8 @@ def set_dotted(config: dict, key: str, value: Any) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"{key}: {p} is not a section")
     node[last] = value
+
+
+def digest(data: Any, length: int = 16) -> str:
+    """A stable short hash of plain data (keys sorted), naming results and caches by settings."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:length]

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 
-from cspine_ray.config import to_dict
+from cspine_ray.config import digest, to_dict
 
 
 @dataclass(frozen=True)
@@ -31,4 +29,4 @@ class PreprocessConfig:
         """Hash of the settings that change shard contents (folds and resources do not)."""
         d = to_dict(self)
         keep = {k: d[k] for k in ("size", "min_region_pixels", "min_bone_hu")}
-        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+        return digest(keep)

@@ -8,12 +8,10 @@ epochs, stage 2 with L=8 steps at 320 px for 20 epochs, threshold 0.3, top-N wit
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from cspine_ray.config import from_dict, set_dotted, to_dict
+from cspine_ray.config import digest, from_dict, set_dotted, to_dict
 from cspine_ray.datasets.augment import AugmentConfig
 
 FAMILIES = ("cnn3d", "single_head", "multi_head", "two_stage")
@@ -149,22 +147,14 @@ class TrainConfig:
             for k in ("backbone", "pretrained"):
                 d.pop(k)
         d["manifest"] = manifest_hash
-        return _digest(d)
+        return digest(d)
 
     def stage1_key(self, manifest_hash: str) -> str:
         """Identity of the stage-1 result: the locator's settings and the data only."""
         d = {"stage1": to_dict(self.stage1), "windows": to_dict(self.input)["windows"],
              "neighbour_offset": self.input.neighbour_offset, "augment": to_dict(self.augment),
              "pretrained": self.pretrained, "seed": self.seed, "manifest": manifest_hash}
-        return _digest(d)
-
-
-def _digest(d: dict) -> str:
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def load_train_config(data: dict | None) -> TrainConfig:
-    return from_dict(TrainConfig, data or {})
+        return digest(d)
 
 
 def build_config(base: dict, values: dict[str, Any]) -> TrainConfig:

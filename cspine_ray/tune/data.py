@@ -7,13 +7,12 @@ shards, so a second search over unchanged data costs a quick check of each study
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
 from pathlib import Path
 
-from cspine_ray.config import to_dict
+from cspine_ray.config import digest, to_dict
 from cspine_ray.preprocess.config import PreprocessConfig
 from cspine_ray.tune.space import DemoData
 
@@ -22,15 +21,11 @@ log = logging.getLogger(__name__)
 COMPLETE = ".complete"
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def demo_dataset(storage: Path, demo: DemoData) -> Path:
     """Generate (once) the synthetic RSNA-layout dataset the demo searches on."""
     from cspine_ray.synth import dataset_specs, write_dataset
 
-    root = storage / "demo" / f"data-{_digest(to_dict(demo))}"
+    root = storage / "demo" / f"data-{digest(to_dict(demo), 12)}"
     if (root / COMPLETE).exists():
         log.info("demo dataset: reusing %s", root)
         return root
@@ -49,7 +44,8 @@ def prepared_shards(data: Path, storage: Path, cfg: PreprocessConfig,
     """Preprocess `data` into shards under `storage` (resuming; unchanged studies are reused)."""
     from cspine_ray.preprocess.pipeline import run_preprocess
 
-    out = storage / "shards" / f"{data.resolve().name}-{_digest([str(data.resolve()), cfg.shard_hash(), cfg.n_folds, cfg.seed])}"
+    key = digest([str(data.resolve()), cfg.shard_hash(), cfg.n_folds, cfg.seed], 12)
+    out = storage / "shards" / f"{data.resolve().name}-{key}"
     run_preprocess(data, out, cfg, address=address)
     return out
 
