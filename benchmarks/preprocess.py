@@ -125,7 +125,7 @@ def timed_in_process(name: str, fn, runs_left: int = 2) -> Measurement:
 
 def generate(args) -> Path:
     """The synthetic RSNA layout for these arguments, generated once and reused."""
-    from cspine_ray.synth import dataset_specs, write_study, write_tables
+    from cspine_ray.synth import dataset_specs, write_dataset
 
     n_test = max(2, args.studies // 8)
     params = {"version": DATA_VERSION, "studies": args.studies, "n_test": n_test, "size": args.size,
@@ -140,12 +140,8 @@ def generate(args) -> Path:
                           slice_spacing=args.slice_spacing)
     tmp = root.with_name(root.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(os.cpu_count()) as pool:
-        jobs = [pool.submit(write_study, spec, tmp) for spec in specs]
-        written = [j.result() for j in tqdm(jobs, desc="generating studies (once)", unit="study")]
-    write_tables(tmp, written)
+    write_dataset(tmp, specs, processes=os.cpu_count() or 1)
     tmp.rename(root)
     stamp.write_text(json.dumps(params))
     print(f"dataset: generated {len(specs)} studies in {time.perf_counter() - t0:.0f} s into {root}")

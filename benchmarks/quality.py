@@ -33,7 +33,6 @@ import os
 import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 
@@ -86,7 +85,7 @@ def load() -> float:
 
 def generate(args: argparse.Namespace) -> Path:
     """The synthetic RSNA layout for these arguments, written once (2 processes) and reused."""
-    from cspine_ray.synth import dataset_specs, write_study, write_tables
+    from cspine_ray.synth import dataset_specs, write_dataset
 
     params = {"version": DATA_VERSION, "studies": args.studies, "size": args.size,
               "slice_spacing": SLICE_SPACING, "seed": args.seed, "severity": "obvious"}
@@ -100,11 +99,8 @@ def generate(args: argparse.Namespace) -> Path:
     tmp = root.with_name(root.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(root, ignore_errors=True)
-    tmp.mkdir(parents=True)
     start, before = time.perf_counter(), load()
-    with ProcessPoolExecutor(2) as pool:
-        written = list(pool.map(write_study, specs, [tmp] * len(specs)))
-    write_tables(tmp, written)
+    write_dataset(tmp, specs, processes=2)
     tmp.rename(root)
     stamp.write_text(json.dumps(params))
     print(f"data: generated {len(specs)} studies in {time.perf_counter() - start:.0f} s "

@@ -251,3 +251,16 @@ def test_round_trip_through_the_project_readers(tmp_path: Path):
         seg = load_segmentation(tmp_path / "segmentations" / f"{spec.uid}.nii", info, hu=hu)
         assert np.array_equal(seg.labels, truth.labels)
         assert seg.bone_hu is not None and seg.bone_hu > 150
+
+
+def test_writing_in_processes_gives_the_same_files(tmp_path):
+    from cspine_ray.synth import write_dataset
+
+    specs = dataset_specs(3, seed=1, n_test=1, size=48, slice_spacing=4.0, severity="obvious")
+
+    def files(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    write_dataset(tmp_path / "one", specs)
+    write_dataset(tmp_path / "two", specs, processes=2)
+    assert files(tmp_path / "one") == files(tmp_path / "two")

@@ -176,14 +176,25 @@ def write_tables(root: str | Path, written: Sequence[WrittenStudy]) -> None:
     _write_csv(root / "sample_submission.csv", ("row_id", "fractured"), ((r[0], "0.5") for r in rows))
 
 
-def write_dataset(root: str | Path, specs: Sequence[StudySpec], preview: bool = False) -> list[WrittenStudy]:
-    """Write the whole layout (one study after another) and, optionally, OUT/preview.png."""
+def write_dataset(root: str | Path, specs: Sequence[StudySpec], preview: bool = False,
+                  processes: int = 1) -> list[WrittenStudy]:
+    """Write the whole layout and, optionally, OUT/preview.png; studies are independent, so
+    `processes` > 1 writes them in that many processes (same files)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    written = []
-    for i, spec in enumerate(specs, start=1):
-        written.append(write_study(spec, root))
-        log.info("study %d/%d written (%s, %d slices)", i, len(specs), spec.split, written[-1].slices)
+    if processes > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        from tqdm import tqdm
+
+        with ProcessPoolExecutor(processes) as pool:
+            jobs = [pool.submit(write_study, spec, root) for spec in specs]
+            written = [j.result() for j in tqdm(jobs, desc="writing studies", unit="study")]
+    else:
+        written = []
+        for i, spec in enumerate(specs, start=1):
+            written.append(write_study(spec, root))
+            log.info("study %d/%d written (%s, %d slices)", i, len(specs), spec.split, written[-1].slices)
     write_tables(root, written)
     if preview:
         from cspine_ray.synth.preview import save_preview
