@@ -21,7 +21,7 @@ from cspine_ray.preprocess.config import PreprocessConfig
 from cspine_ray.preprocess.manifest import read_manifest
 from cspine_ray.preprocess.pipeline import run_preprocess
 from cspine_ray.preprocess.resample import resize_labels, resize_slices
-from cspine_ray.preprocess.shards import open_shard
+from cspine_ray.preprocess.shards import SHARD_FORMAT, open_shard
 from cspine_ray.preprocess.targets import vertebra_pixel_counts, vertebra_ratios
 from cspine_ray.synth import synth_study, write_dataset
 
@@ -156,4 +156,4 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_dataset, tmp_pat
     pd.testing.assert_frame_equal(resumed[key].reset_index(drop=True), reference[key].reset_index(drop=True))
     assert not [p for p in (out / "studies").iterdir() if p.name.startswith(".tmp")]
     meta = json.loads((out / "preprocess.json").read_text())
-    assert meta["config"]["size"] == 64
+    assert meta["config"]["size"] == 64 and meta["shard_format"] == SHARD_FORMAT

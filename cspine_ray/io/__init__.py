@@ -1,6 +1,7 @@
 """Reading what users bring: DICOM series, RSNA segmentations and the RSNA folder layout.
 
     dicom         a study folder -> canonical HU volume (head -> feet), spacing, warnings
+    jpeg2000      half-resolution reads: the 5/3 low-pass band, decoded from JPEG 2000 or computed
     segmentation  RSNA NIfTI -> labels aligned to that volume, with an HU sanity check
     rsna          the RSNA layout: studies, labels, boxes; every problem reported by study
     errors        StudyError, the one error for unusable input

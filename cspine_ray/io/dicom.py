@@ -10,6 +10,8 @@ Two steps keep big studies cheap:
 - `iter_hu_slices` then decodes one file at a time (any transfer syntax pydicom and the pylibjpeg
   plugins decode), applies the modality rescale, resizes odd-sized slices to the majority size
   and yields int16 HU. `read_series` stacks those slices for callers that want the whole volume.
+  Asked for fewer pixels (`levels` halvings), it delivers the JPEG 2000 5/3 low-pass band,
+  decoded at that resolution when the file is JPEG 2000 (io/jpeg2000.py).
 
 Decisions: truncated or non-DICOM files are skipped at scan time (the pixel data length is
 checked against the header without reading the pixels); a file that still fails to decode later
@@ -37,6 +39,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, EnhancedCTImageStor
 from scipy import ndimage
 
 from cspine_ray.io.errors import StudyError
+from cspine_ray.io.jpeg2000 import decode_reduced, halve, stored_range
 
 log = logging.getLogger(__name__)
 
@@ -488,20 +491,36 @@ def _to_int16(values: np.ndarray) -> np.ndarray:
     return np.clip(values, -32768, 32767).astype(np.int16)
 
 
-def _decode_hu(path: Path, study: str) -> np.ndarray:
-    """Decode one file into HU (float or int array, native size). StudyError names the file."""
+def _rescale(pixels: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """Stored values -> HU: the rescale apply_modality_lut does, in integers when it can."""
+    if ("ModalityLUTSequence" not in ds and "RescaleSlope" in ds and "RescaleIntercept" in ds
+            and pixels.dtype.kind in "iu" and float(ds.RescaleSlope) == 1
+            and float(ds.RescaleIntercept).is_integer()):
+        return pixels.astype(np.int32) + int(float(ds.RescaleIntercept))  # integer CT rescale: no float pass
+    return apply_modality_lut(pixels, ds)  # RescaleSlope/Intercept or a modality LUT
+
+
+def _decode_hu(path: Path, study: str, shape: tuple[int, int], levels: int) -> np.ndarray:
+    """One file as HU at `levels` halvings of the series shape. StudyError names the file.
+
+    JPEG 2000 files that allow it are decoded straight at the reduced resolution; any other file
+    is decoded in full and halved with the same 5/3 filter (same values: see io/jpeg2000.py).
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(path, force=True)
-            pixels = ds.pixel_array
-            # the rescale apply_modality_lut would do (both tags, no LUT), in integers when it can
-            if ("ModalityLUTSequence" not in ds and "RescaleSlope" in ds and "RescaleIntercept" in ds
-                    and pixels.dtype.kind in "iu" and float(ds.RescaleSlope) == 1
-                    and float(ds.RescaleIntercept).is_integer()):
-                hu = pixels.astype(np.int32) + int(float(ds.RescaleIntercept))  # integer CT rescale: no float pass
-            else:
-                hu = apply_modality_lut(pixels, ds)  # RescaleSlope/Intercept or a modality LUT
+            pixels = decode_reduced(ds, levels) if levels and (int(ds.Rows), int(ds.Columns)) == shape else None
+            if pixels is None:
+                pixels = ds.pixel_array
+                if pixels.ndim == 2 and (pixels.shape != shape or pixels.dtype.kind not in "iu"):
+                    # an odd-sized (or float) slice: HU, resized to the series shape, then halved
+                    hu = _resize_bilinear(np.asarray(_rescale(pixels, ds), dtype=np.float32), shape)
+                    return halve(_to_int16(hu), levels, (-32768, 32767))
+                if levels and pixels.ndim == 2:
+                    bits = int(ds.get("BitsStored", 0) or 0) or 8 * pixels.dtype.itemsize
+                    pixels = halve(pixels, levels, stored_range(bits, pixels.dtype.kind == "i"))
+            hu = _rescale(pixels, ds)
     except Exception as exc:  # decoder plugins raise assorted types
         raise StudyError(study, f"cannot decode {path.name}: {type(exc).__name__}: {str(exc)[:200]}") from exc
     if hu.ndim != 2:
@@ -509,13 +528,14 @@ def _decode_hu(path: Path, study: str) -> np.ndarray:
     return hu
 
 
-def iter_hu_slices(info: SeriesInfo) -> Iterator[np.ndarray]:
-    """Yield each canonical slice as int16 (rows, cols) HU, decoding one file at a time."""
+def iter_hu_slices(info: SeriesInfo, levels: int = 0) -> Iterator[np.ndarray]:
+    """Yield each canonical slice as int16 HU, decoding one file at a time.
+
+    levels > 0 delivers every slice at `halved_shape(info.shape, levels)`: the JPEG 2000 5/3
+    low-pass band, decoded at that resolution where the file allows (much less CPU).
+    """
     for path in info.files:
-        hu = _decode_hu(path, info.study)
-        if hu.shape != info.shape:
-            hu = _resize_bilinear(np.asarray(hu, dtype=np.float32), info.shape)
-        yield _to_int16(hu)
+        yield _to_int16(_decode_hu(path, info.study, info.shape, levels))
 
 
 def read_series(folder: str | Path, study: str | None = None) -> tuple[np.ndarray, SeriesInfo]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from cspine_ray.io.errors import StudyError
 from cspine_ray.preprocess.config import PreprocessConfig
+from cspine_ray.preprocess.shards import SHARD_FORMAT
 from cspine_ray.preprocess.study import build_shard, source_fingerprint
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,13 @@ def shard_study(item: dict, cfg: PreprocessConfig, work_dir: str) -> dict:
 
 
 def load_preprocess_config(path: str | Path) -> PreprocessConfig:
+    """The shard settings a model was trained with; warns when this version shards differently."""
     from cspine_ray.config import from_dict
 
-    return from_dict(PreprocessConfig, json.loads(Path(path).read_text())["config"])
+    settings = json.loads(Path(path).read_text())
+    trained = settings.get("shard_format", 2)  # files without it predate format 3
+    if trained != SHARD_FORMAT:
+        log.warning("the model was trained on shards of format %s, this version writes format %s "
+                    "(see SHARD_FORMAT in cspine_ray/preprocess/shards.py): new studies are resampled "
+                    "slightly differently; retrain on re-made shards for exact agreement", trained, SHARD_FORMAT)
+    return from_dict(PreprocessConfig, settings["config"])

@@ -17,11 +17,13 @@ import pandas as pd
 
 from cspine_ray import TARGETS
 from cspine_ray.config import to_dict
+from cspine_ray.io.jpeg2000 import JPEG2000_SYNTAXES
 from cspine_ray.io.rsna import Layout, discover
 from cspine_ray.preprocess import shards
 from cspine_ray.preprocess.config import PreprocessConfig
 from cspine_ray.preprocess.folds import assign_folds, fold_summary
 from cspine_ray.preprocess.manifest import manifest_hash, read_manifest, write_manifest
+from cspine_ray.preprocess.resample import halvings
 from cspine_ray.preprocess.study import process_study
 
 log = logging.getLogger(__name__)
@@ -47,9 +49,11 @@ def study_items(layout: Layout) -> list[dict]:
 _SYNTAX_COST = {"1.2.840.10008.1.2.4.90": 9.0, "1.2.840.10008.1.2.4.91": 9.0,  # JPEG 2000
                 "1.2.840.10008.1.2.4.57": 3.0, "1.2.840.10008.1.2.4.70": 3.0,  # JPEG lossless
                 "1.2.840.10008.1.2.4.50": 2.0, "1.2.840.10008.1.2.5": 1.3}     # JPEG baseline, RLE
+_REDUCED_JPEG2000_COST = 5.5  # JPEG 2000 decoded at half resolution (io/jpeg2000.py)
+_SEGMENTATION_COST = 1.2      # reading, aligning and resampling the labels
 
 
-def estimated_cost(item: dict) -> float:
+def estimated_cost(item: dict, size: int) -> float:
     """Rough CPU cost of a study (slices x pixels x decoder cost) from one header; 0 if unreadable."""
     import pydicom
 
@@ -57,10 +61,15 @@ def estimated_cost(item: dict) -> float:
         files = [e.path for e in os.scandir(item["image_dir"]) if e.is_file()]
         ds = pydicom.dcmread(files[0], stop_before_pixels=True, force=True)
         syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
-        cost = len(files) * int(ds.Rows) * int(ds.Columns) * _SYNTAX_COST.get(syntax, 1.0)
+        shape = (int(ds.Rows), int(ds.Columns))
     except Exception:  # the task itself reports unreadable studies
         return 0.0
-    return cost * (1.5 if item.get("segmentation") else 1.0)
+    per_pixel = _SYNTAX_COST.get(syntax, 1.0)
+    if syntax in JPEG2000_SYNTAXES and halvings(shape, size):
+        per_pixel = _REDUCED_JPEG2000_COST
+    if item.get("segmentation"):
+        per_pixel += _SEGMENTATION_COST
+    return len(files) * shape[0] * shape[1] * per_pixel
 
 
 def check_settings(out: Path, cfg: PreprocessConfig, source: Path) -> None:
@@ -74,7 +83,8 @@ def check_settings(out: Path, cfg: PreprocessConfig, source: Path) -> None:
                 f"use another --out for {to_dict(cfg)}"
             )
     shards.write_json_atomic(
-        path, {"config": to_dict(cfg), "shard_hash": cfg.shard_hash(), "source": str(source)}
+        path, {"config": to_dict(cfg), "shard_hash": cfg.shard_hash(), "shard_format": shards.SHARD_FORMAT,
+               "source": str(source)}
     )
 
 
@@ -86,7 +96,7 @@ def _run_tasks(items: list[dict], cfg: PreprocessConfig, out: Path, verify: bool
     # One map operator fed by an input buffer: Ray Data's per-operator reservation would hold
     # back half of a small cluster's CPUs for the buffer, so share all of them instead.
     ray.data.DataContext.get_current().op_resource_reservation_enabled = False
-    items = sorted(items, key=estimated_cost, reverse=True)  # longest first: no lone straggler at the end
+    items = sorted(items, key=lambda i: estimated_cost(i, cfg.size), reverse=True)  # longest first: no lone straggler at the end
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map(
         process_study,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-SHARD_FORMAT = 2  # 2: Pillow resampling (values may differ from format 1 by 1 HU)
+SHARD_FORMAT = 3  # 2: Pillow resampling (values may differ from format 1 by 1 HU); 3: 5/3 halvings first
 ARRAYS = ("volume", "mask", "ratio", "box")
 META = "meta.json"
 TMP_PREFIX = ".tmp-"

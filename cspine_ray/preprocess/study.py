@@ -1,7 +1,8 @@
 """One study -> one shard (or a recorded failure). Runs inside a Ray Data task.
 
-The study's slices are streamed: each chunk is decoded, converted to HU and resampled to the
-shard size before the next is read, and written straight into a memory-mapped .npy file, so a
+The study's slices are streamed: each chunk is decoded (at half or quarter resolution when that
+is still at least the shard size, see resample.py), converted to HU and resampled to the shard
+size before the next is read, and written straight into a memory-mapped .npy file, so a
 768x768x600 study needs the full-resolution label volume at most (when segmented), never the
 full-resolution HU volume.
 """
@@ -24,7 +25,7 @@ from cspine_ray.io.errors import StudyError
 from cspine_ray.io.segmentation import load_segmentation
 from cspine_ray.preprocess import shards
 from cspine_ray.preprocess.config import PreprocessConfig
-from cspine_ray.preprocess.resample import resize_labels, resize_slices
+from cspine_ray.preprocess.resample import halvings, resize_labels, resize_slices, source_step
 from cspine_ray.preprocess.targets import (
     cervical_boxes,
     fracture_boxes,
@@ -61,13 +62,14 @@ def build_shard(item: dict, cfg: PreprocessConfig, final: Path, fingerprint: str
     uid = item["study_uid"]
     info = scan_series(item["image_dir"], study=uid)
     size = cfg.size
+    levels = halvings(info.shape, size)  # 512 px -> 256: read at half resolution, no resize
     tmp = shards.new_tmp_dir(final.parent, uid)
     try:
         volume = np.lib.format.open_memmap(
             tmp / "volume.npy", mode="w+", dtype=np.int16, shape=(len(info.files), size, size)
         )
         start = 0
-        for chunk in _chunks(iter_hu_slices(info), cfg.chunk_slices):
+        for chunk in _chunks(iter_hu_slices(info, levels), cfg.chunk_slices):
             volume[start : start + len(chunk)] = resize_slices(np.stack(chunk), size)
             start += len(chunk)
         volume.flush()
@@ -81,7 +83,7 @@ def build_shard(item: dict, cfg: PreprocessConfig, final: Path, fingerprint: str
                                     min_bone_hu=cfg.min_bone_hu)
             warnings += seg.warnings
             counts = vertebra_pixel_counts(seg.labels)  # at full resolution: exact ratios
-            mask = resize_labels(seg.labels, size)
+            mask = resize_labels(seg.labels, size, levels)
             del seg
             np.save(tmp / "mask.npy", mask)
             np.save(tmp / "ratio.npy", vertebra_ratios(counts))
@@ -94,13 +96,13 @@ def build_shard(item: dict, cfg: PreprocessConfig, final: Path, fingerprint: str
             info.shape,
         )
         warnings += box_warnings
-        scale_y, scale_x = size / info.shape[0], size / info.shape[1]
         meta = {
             "study_uid": uid,
             "split": item["split"],
             "shape": [len(info.files), size, size],
             "source_shape": list(info.shape),
-            "spacing": [info.spacing[0], info.spacing[1] / scale_y, info.spacing[2] / scale_x],
+            "spacing": [info.spacing[0], info.spacing[1] * source_step(info.shape[0], size, levels),
+                        info.spacing[2] * source_step(info.shape[1], size, levels)],
             "instance_numbers": list(info.instance_numbers),
             "z_positions": list(info.z_positions),
             "z_increases_with_instance": info.z_increases_with_instance,

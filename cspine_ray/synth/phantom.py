@@ -579,7 +579,6 @@ def paint_soft_tissue(canvas: Canvas, anat: Anatomy) -> None:
         paint_slab(canvas, 0, nz, scm_y, scm_x, 5.8 * anat.k, 9.0 * anat.k, mus + 5.0)
     # laryngeal cartilages: thyroid cartilage (C4-C5, open behind) and cricoid ring (C6)
     z_c4, z_c6 = int(s_c4 / canvas.spacing[0]), int(s_c6 / canvas.spacing[0])
-    z_c7 = int(anat.s_level["C7"] / canvas.spacing[0])
     sl = slice(z_c4 - 4, z_c6)
     shield = lambda z, y, x: np.clip((1.0 - y / 4.0), 0.0, 1.0)  # noqa: E731 - open behind
     paint_slab(canvas, sl.start, sl.stop, air_y[sl] - 2.0, xc[sl], air_ry[sl] + 8.5, air_rx[sl] + 7.0,
