@@ -114,6 +114,12 @@ def test_codestreams_the_fast_path_cannot_take_fall_back():
     assert decode_reduced(j2k_dataset(pixels, 12, tiled), 1) is None
     # more halvings than the codestream has levels
     assert decode_reduced(j2k_dataset(pixels, 12, codestream), 6) is None
+    # a COC for component 0 overrides the COD's levels even when it comes first in the header
+    coc = b"\xff\x53" + struct.pack(">H", 9) + bytes([0, 0, 1, 4, 4, 0, 1])  # Ccoc, Scoc, 1 level, ..., 5/3
+    cod_at = codestream.index(b"\xff\x52")
+    with_coc = codestream[:cod_at] + coc + codestream[cod_at:]
+    assert (parse_header(with_coc).levels, parse_header(with_coc).reversible) == (1, True)
+    assert decode_reduced(j2k_dataset(pixels, 12, with_coc), 2) is None
     # the DICOM header contradicts the codestream's signedness
     ds = j2k_dataset(pixels, 12, codestream)
     ds.PixelRepresentation = 1

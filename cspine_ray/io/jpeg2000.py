@@ -91,7 +91,7 @@ def parse_header(data: bytes) -> Codestream | None:
     if start < 0:
         return None
     pos = start + 2
-    size = cod = None
+    size = cod = coc = None
     try:
         while pos + 4 <= len(data):
             marker, length = struct.unpack(">HH", data[pos : pos + 4])
@@ -102,8 +102,8 @@ def parse_header(data: bytes) -> Codestream | None:
                 size = (xsiz - xo, ysiz - yo, (xo, yo), (xt, yt), csiz, (ssiz & 0x7F) + 1, bool(ssiz & 0x80))
             elif marker == 0xFF52:  # COD: Scod, SGcod (4 bytes), then levels and transform
                 cod = (body[5], body[9] == 1)
-            elif marker == 0xFF53 and cod is not None:  # COC for component 0 (1-byte index when Csiz < 257)
-                cod = (body[2], body[6] == 1)
+            elif marker == 0xFF53 and body[0] == 0:  # COC of component 0 (1-byte index when Csiz < 257)
+                coc = (body[2], body[6] == 1)
             elif marker == 0xFF90:  # SOT: the main header is over
                 break
             pos += 2 + length
@@ -112,7 +112,8 @@ def parse_header(data: bytes) -> Codestream | None:
     if size is None or cod is None:
         return None
     width, height, origin, tile, components, precision, signed = size
-    return Codestream(width, height, origin, tile, components, precision, signed, cod[0], cod[1])
+    levels, reversible = coc or cod  # a COC overrides the COD wherever it stands in the header
+    return Codestream(width, height, origin, tile, components, precision, signed, levels, reversible)
 
 
 @lru_cache(maxsize=None)
