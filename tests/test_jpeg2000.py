@@ -79,7 +79,7 @@ def test_halve_equals_a_jpeg2000_decoder_at_reduced_resolution(shape, bits, sign
 
 
 def test_halve_odd_and_single_sample_sides():
-    x = np.arange(7 * 1, dtype=np.int32).reshape(7, 1) * 10
+    x = np.arange(7, dtype=np.int32).reshape(7, 1) * 10
     band = halve(x, 1, (-1000, 1000))
     assert band.shape == (4, 1)
     np.testing.assert_array_equal(band[:, 0], [0, 20, 40, 60])  # a ramp stays a ramp

@@ -30,10 +30,14 @@ from pydicom.encaps import get_frame
 JPEG2000_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"})
 
 
+def halved(n: int, levels: int) -> int:
+    """Samples along one side after `levels` halvings: the ceiling of n / 2**levels."""
+    return -(-n // (1 << levels))
+
+
 def halved_shape(shape: tuple[int, int], levels: int) -> tuple[int, int]:
     """Shape of the low-pass band after `levels` halvings (a decoder's reduced size)."""
-    step = 1 << levels
-    return (-(-shape[0] // step), -(-shape[1] // step))
+    return halved(shape[0], levels), halved(shape[1], levels)
 
 
 def stored_range(bits_stored: int, signed: bool) -> tuple[int, int]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from cspine_ray.io.jpeg2000 import halved_shape
+from cspine_ray.io.jpeg2000 import halved, halved_shape
 
 
 def halvings(shape: tuple[int, int], size: int) -> int:
@@ -37,12 +37,12 @@ def resize_slices(slices: np.ndarray, size: int) -> np.ndarray:
 
 def source_step(n_in: int, size: int, levels: int) -> float:
     """Source pixels per output pixel along one side (levels halvings, then bilinear to size)."""
-    return (1 << levels) * halved_shape((n_in, n_in), levels)[0] / size
+    return (1 << levels) * halved(n_in, levels) / size
 
 
 def nearest_indices(n_in: int, n_out: int, levels: int = 0) -> np.ndarray:
     """Source index under each output pixel's centre, for `levels` halvings then bilinear."""
-    band = halved_shape((n_in, n_in), levels)[0]
+    band = halved(n_in, levels)
     # centre in band pixels: (i + 0.5) * band / n_out - 0.5; band pixel m sits on source 2**levels * m
     rounded = (1 << levels) * (np.arange(n_out) + 0.5) * band / n_out - ((1 << levels) - 1) / 2  # centre + 0.5
     return np.clip(np.floor(rounded).astype(np.int64), 0, n_in - 1)
