@@ -212,36 +212,36 @@ def run_naive(folders: list[Path], out: Path) -> dict:
     return {"slices": slices}
 
 
-def run_floor(files: list[Path]) -> dict:
-    pixels = 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for path in tqdm(files, desc="decode floor", unit="file", leave=False, mininterval=1.0):
-            pixels += pydicom.dcmread(path).pixel_array.size
-    return {"pixels": pixels}
+def full_decode(path: Path) -> tuple[int, bool]:
+    """The floor's work for one file: dcmread + pixel_array. Returns (pixels, decoded reduced)."""
+    return pydicom.dcmread(path).pixel_array.size, False
 
 
-def run_reduced_floor(files: list[Path]) -> dict:
+def pipeline_decode(path: Path) -> tuple[int, bool]:
     """The decoding the pipeline itself does for OUT_SIZE shards: JPEG 2000 at reduced resolution
     where the file allows (io/jpeg2000.py), everything else in full."""
     from cspine_ray.io.jpeg2000 import decode_reduced
     from cspine_ray.preprocess.resample import halvings
 
+    ds = pydicom.dcmread(path)
+    band = decode_reduced(ds, halvings((int(ds.Rows), int(ds.Columns)), OUT_SIZE))
+    return (band.size, True) if band is not None else (ds.pixel_array.size, False)
+
+
+def run_floor(files: list[Path], decode=full_decode, desc: str = "decode floor") -> dict:
     pixels = reduced = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for path in tqdm(files, desc="reduced decode floor", unit="file", leave=False, mininterval=1.0):
-            ds = pydicom.dcmread(path)
-            band = decode_reduced(ds, halvings((int(ds.Rows), int(ds.Columns)), OUT_SIZE))
-            reduced += band is not None
-            pixels += (band if band is not None else ds.pixel_array).size
+        for path in tqdm(files, desc=desc, unit="file", leave=False, mininterval=1.0):
+            n, was_reduced = decode(path)
+            pixels, reduced = pixels + n, reduced + was_reduced
     return {"pixels": pixels, "files_decoded_reduced": reduced}
 
 
 def _decode_files(paths: list[Path]) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return sum(pydicom.dcmread(p).pixel_array.size for p in paths)
+        return sum(full_decode(p)[0] for p in paths)
 
 
 def run_parallel_decode(files: list[Path], cpus: int) -> Measurement:
@@ -560,7 +560,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print("measuring (one after another, same files):")
     floor = timed_in_process("decode floor", lambda: run_floor(files))
-    reduced = timed_in_process("reduced decode floor", lambda: run_reduced_floor(files))
+    reduced = timed_in_process("reduced decode floor",
+                               lambda: run_floor(files, pipeline_decode, "reduced decode floor"))
     parallel = run_parallel_decode(files, cpus)
     naive = timed_in_process("naive", lambda: run_naive(folders, args.workdir / "out-naive"))
     pipe = run_pipeline_measured(data, args.workdir / "out-pipeline", cpus)
