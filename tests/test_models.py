@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import pickle
 import time
 
@@ -111,6 +112,45 @@ def test_bfloat16_autocast(name):
     loss.backward()
     assert {k: tuple(v.shape) for k, v in outputs.items()} == shapes
     assert all(torch.isfinite(o.float()).all() for o in outputs.values())
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_recurrent_head_runs_in_float32_under_autocast(kind):
+    # the recurrence ignores autocast: same numbers as a plain float32 run, float32 out,
+    # whichever kernels the CPU has (oneDNN has no bf16 LSTM without AVX-512)
+    torch.manual_seed(0)
+    head = create_sequence_head(kind, in_features=6, hidden=5, num_layers=2).eval()
+    steps = torch.randn(2, 4, 6).to(torch.bfloat16)
+    mask = torch.tensor([[True] * 4, [True, True, False, False]])
+    with torch.no_grad():
+        expected = head(steps.float(), mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = head(steps, mask)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, expected)
+
+
+def test_sequence_classifier_autocast_on_a_cpu_without_avx512():
+    # ONEDNN_MAX_CPU_ISA=AVX2 makes oneDNN pick the kernels an AVX2-only machine has, so this
+    # checks that path on any CPU (a bf16 LSTM raised there)
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from cspine_ray.models import create_model\n"
+        f"model = create_model('sequence_classifier', backbone={TINY!r}, hidden=8,\n"
+        "                     vertebra_embedding=True)\n"
+        "steps = torch.randn(2, 3, 3, 32, 32)\n"
+        "with torch.autocast('cpu', dtype=torch.bfloat16):\n"
+        "    loss = model(steps, torch.tensor([0, 6])).float().sum()\n"
+        "loss.backward()\n"
+        "assert torch.isfinite(loss)\n"
+        "print('ok')\n")
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 def test_prior_logit_sets_the_starting_bias():

@@ -33,7 +33,13 @@ def check_mask(mask: torch.Tensor | None, batch: int, length: int) -> None:
 
 
 class RecurrentHead(nn.Module):
-    """Bidirectional LSTM or GRU. With a mask, padding must come after the real steps."""
+    """Bidirectional LSTM or GRU. With a mask, padding must come after the real steps.
+
+    The recurrence always runs in float32, also inside an autocast region: oneDNN has no
+    bf16 LSTM/GRU kernel on CPUs without AVX-512 (autocast would raise there), and a long
+    recurrence accumulates rounding error in half precision on any device. The head is tiny
+    next to the backbone, so the cost is negligible; its output is float32.
+    """
 
     def __init__(self, kind: str, in_features: int, hidden: int = 256, num_layers: int = 2,
                  dropout: float = 0.1):
@@ -46,6 +52,10 @@ class RecurrentHead(nn.Module):
     def forward(self, steps: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, length = steps.shape[:2]
         check_mask(mask, batch, length)
+        with torch.autocast(steps.device.type, enabled=False):
+            return self._recur(steps.float(), mask, length)
+
+    def _recur(self, steps: torch.Tensor, mask: torch.Tensor | None, length: int) -> torch.Tensor:
         if mask is None or bool(mask.all()):
             return self.rnn(steps)[0]
         # pack so the backward direction starts at each sample's last real step, not at padding
