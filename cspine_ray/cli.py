@@ -42,7 +42,13 @@ def step_main(module_name: str, description: str, argv: list[str] | None = None,
     module.add_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    return int(module.run(args) or 0)
+    from cspine_ray.train.placement import PlacementError
+
+    try:
+        return int(module.run(args) or 0)
+    except PlacementError as e:  # a request the cluster can never hold: say why, no traceback
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
 
 
 def usage() -> str:

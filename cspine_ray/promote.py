@@ -17,6 +17,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import cspine_ray
+
 log = logging.getLogger(__name__)
 
 ALIAS = "champion"
@@ -86,10 +88,16 @@ def promote(tracking_uri: str, experiment: str | None = None, run_id: str | None
                              json.loads((Path(tags["result_dir"]) / "result.json").read_text())["shards_dir"],
                              Path(tmp) / "bundle", info)
         with mlflow.start_run(run_id=run.info.run_id):
+            # the package travels with the model (code_paths), so it loads wherever MLflow
+            # runs, with or without this checkout; its dependencies are pinned installables
             logged = mlflow.pyfunc.log_model(
                 name="ensemble", python_model=EnsembleModel(), artifacts={"bundle": str(bundle)},
-                metadata=info, pip_requirements=_requirements())
+                code_paths=[str(Path(cspine_ray.__file__).parent)], signature=signature(),
+                input_example=input_example(), metadata=info,
+                pip_requirements=requirements())
     version = mlflow.register_model(logged.model_uri, name, tags={k: str(v) for k, v in info.items()})
+    client.update_model_version(name, version.version,
+                                description=model_card(info, Path(tags["result_dir"]), metrics))
 
     champion = _champion(client, name)
     old_cv = float(champion.tags["cv_metric"]) if champion and "cv_metric" in champion.tags else None
@@ -110,16 +118,91 @@ def promote(tracking_uri: str, experiment: str | None = None, run_id: str | None
                      champion_version=str(current.version) if current else "")
 
 
-def _requirements() -> list[str]:
-    from importlib.metadata import PackageNotFoundError, version
+def requirements() -> list[str]:
+    """The package's own dependencies (pyproject.toml), pinned to the versions installed here.
+
+    cspine-ray itself is not on any index: it travels as the model's code instead."""
+    from importlib.metadata import PackageNotFoundError, requires, version
+
+    from packaging.requirements import Requirement
 
     reqs = []
-    for pkg in ("cspine-ray", "torch", "timm", "pydicom", "numpy", "pandas", "mlflow"):
+    for spec in requires("cspine-ray") or []:
+        req = Requirement(spec)
+        if req.marker is not None:  # extras (dev) are not needed to predict
+            continue
         try:
-            reqs.append(f"{pkg}=={version(pkg)}")
+            extras = f"[{','.join(sorted(req.extras))}]" if req.extras else ""
+            reqs.append(f"{req.name}{extras}=={version(req.name)}")
         except PackageNotFoundError:
             continue
     return reqs
+
+
+def signature():
+    """One row per study in (its folder; its UID, else the folder name), one row per study out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    from cspine_ray import TARGETS
+
+    inputs = Schema([ColSpec("string", "study_dir"), ColSpec("string", "study_uid", required=False)])
+    outputs = Schema([ColSpec("string", "study_uid"), *[ColSpec("double", t) for t in TARGETS],
+                      ColSpec("string", "status"), ColSpec("string", "reason"),
+                      ColSpec("string", "warnings")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def input_example():
+    import pandas as pd
+
+    return pd.DataFrame({"study_dir": ["/mnt/shared/rsna/test_images/1.2.826.0.1.3680043.10001"],
+                         "study_uid": ["1.2.826.0.1.3680043.10001"]})
+
+
+def model_card(info: dict, result_dir: Path, metrics: dict) -> str:
+    """The registered version's description: what it is for, what it was trained on, how well
+    it did out of fold and how that figure was chosen, and what it is not."""
+    import pandas as pd
+
+    result = json.loads((result_dir / "result.json").read_text())
+    oof = pd.read_parquet(result_dir / "oof.parquet")
+    last = result["history"][-1]
+
+    def fig(key: str) -> str:
+        value = metrics.get(key)
+        return "n/a" if value is None else f"{value:.4f}"
+
+    return "\n".join([
+        f"# cspine-ray {info['family']} ensemble ({result['n_folds']} fold models)",
+        "",
+        "**Intended use**: research on cervical-spine (C1-C7) fracture detection in axial CT, "
+        "as in the RSNA 2022 challenge. **Research use only: not a medical device**, not "
+        "validated for clinical decisions; it must not be used to diagnose or to rule out a "
+        "fracture.",
+        "",
+        "## Training data and split",
+        f"- shards: `{result['shards_dir']}` (manifest hash {result['manifest_hash']})",
+        f"- {len(oof)} labelled studies in {result['n_folds']} folds, one study per group, "
+        "stratified on the labels and on having a segmentation; fold model k never saw fold k",
+        "",
+        "## Out-of-fold figures (weighted log loss, lower is better; AUCs)",
+        f"- CV metric {fig('cv_metric')} (mean of the folds), pooled OOF metric "
+        f"{fig('oof_metric')}, mean AUC {fig('oof_auc_mean')}, patient AUC "
+        f"{fig('oof_auc_patient_overall')}",
+        f"- how chosen: epoch {result['best_epoch']} of {last['epoch']} is the epoch with the "
+        "best CV metric on these same folds, and this trial was the search's best by that "
+        "figure, so both are optimistic; the last epoch's CV metric was "
+        f"{last['cv_metric']:.4f}",
+        f"- patient_overall rule: top-N with N = {info.get('top_n')}"
+        if info.get("top_n") else "- patient_overall: predicted by the model itself",
+        "",
+        "## Known limits",
+        "- trained on one challenge dataset; on other hospitals, the challenge's top models fell "
+        "from 0.95-0.97 to 0.79-0.92 AUC (Hu et al., Radiology: AI 2024): validate locally first",
+        "- a study that cannot be read gets the training prior and its reason, not a score",
+        "- vertebrae stage 1 does not find fall back to the prior",
+    ])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -178,7 +180,8 @@ def test_shared_storage_mounted_on_every_node(prepared: dict) -> None:
     # initialization_commands run on the host of every node, before the container starts.
     mount = " ".join(prepared["initialization_commands"])
     assert "mount -t nfs4" in mount
-    assert re.search(r'amazonaws\.com:/"? /mnt/shared\)', mount)
+    assert "127.0.0.1:/ /mnt/shared" in mount  # through the TLS tunnel, never to EFS directly
+    assert 'EFS_HOST="$EFS_ID.efs.$EFS_REGION.amazonaws.com"' in mount
     region = prepared["provider"]["region"]
     assert f"EFS_REGION={region};" in mount
     zones = prepared["provider"]["availability_zone"].split(",")
@@ -199,3 +202,246 @@ def test_every_command_is_valid_bash() -> None:
     for cmd in all_commands(load_raw()):
         result = subprocess.run(["bash", "-n", "-c", cmd], capture_output=True, text=True)
         assert result.returncode == 0, (cmd, result.stderr)
+
+
+# --- Locked down (nothing reachable but SSH from the admin range; no account-wide rights) ---
+
+AWS_DIR = REPO / "aws"
+WORLD = ("0.0.0.0/0", "::/0")
+
+
+def security_problems(config: dict) -> list[str]:
+    """What `ray up` would open or grant beyond the locked-down shape; empty when none."""
+    problems = []
+    text = json.dumps(config)
+    problems += [f"world-open range {w} in cluster.yaml" for w in WORLD if w in text]
+    head_type = config["head_node_type"]
+    for name, node_type in config["available_node_types"].items():
+        node = node_type["node_config"]
+        if not node.get("SecurityGroupIds"):
+            problems.append(f"{name}: no SecurityGroupIds (Ray would create a group with SSH "
+                            "open to 0.0.0.0/0)")
+        if node.get("MetadataOptions", {}).get("HttpTokens") != "required":
+            problems.append(f"{name}: IMDSv2 not required")
+        profile = node.get("IamInstanceProfile")
+        if name == head_type:
+            arn = (profile or {}).get("Arn", "")
+            if not arn.endswith(":instance-profile/cspine-ray-head"):
+                problems.append(f"{name}: head without the scoped cspine-ray-head profile "
+                                "(Ray would attach EC2 and S3 full access)")
+        elif profile:
+            problems.append(f"{name}: a worker holds an instance profile ({profile})")
+    if len({tuple(t["node_config"].get("SecurityGroupIds", ()))
+            for t in config["available_node_types"].values()}) != 1:
+        problems.append("node types in different security groups")
+    if config["provider"].get("security_group"):
+        problems.append("provider.security_group asks Ray to create a group")
+    return problems
+
+
+def test_cluster_yaml_is_locked_down() -> None:
+    assert security_problems(load_raw()) == []
+
+
+def _world_ssh(c: dict) -> None:
+    c["provider"]["security_group"] = {"GroupName": "open", "IpPermissions": [
+        {"FromPort": 22, "ToPort": 22, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}]}
+
+
+def _worker_without_group(c: dict) -> None:
+    del c["available_node_types"]["gpu_worker"]["node_config"]["SecurityGroupIds"]
+
+
+def _head_without_profile(c: dict) -> None:
+    del c["available_node_types"]["head"]["node_config"]["IamInstanceProfile"]
+
+
+def _worker_with_head_profile(c: dict) -> None:
+    nodes = c["available_node_types"]
+    nodes["cpu_worker"]["node_config"]["IamInstanceProfile"] = nodes["head"]["node_config"][
+        "IamInstanceProfile"]
+
+
+def _imds_v1(c: dict) -> None:
+    c["available_node_types"]["cpu_worker"]["node_config"]["MetadataOptions"]["HttpTokens"] = (
+        "optional")
+
+
+@pytest.mark.parametrize("break_it", [_world_ssh, _worker_without_group, _head_without_profile,
+                                      _worker_with_head_profile, _imds_v1])
+def test_security_check_catches_each_opening(break_it) -> None:
+    config = load_raw()
+    break_it(config)
+    assert security_problems(config)
+
+
+def test_ray_up_creates_no_security_group_and_no_role(monkeypatch) -> None:
+    # Ray's own AWS bootstrap steps, offline: any call to AWS would mean `ray up` creates a
+    # security group (SSH from 0.0.0.0/0) or the ray-autoscaler-v1 role (EC2/S3 full access).
+    from ray.autoscaler._private.aws import config as aws_config
+
+    def no_aws(*args, **kwargs):
+        raise AssertionError("ray up would call AWS to create a default group or role")
+
+    monkeypatch.setattr(aws_config, "_client", no_aws)
+    monkeypatch.setattr(aws_config, "_resource", no_aws)
+    monkeypatch.setattr(aws_config, "_upsert_security_groups", no_aws)
+    config = prepare_config(load_raw())
+    config["head_node"] = {}
+    aws_config._configure_iam_role(config)
+    aws_config._configure_security_group(config)
+    assert config["head_node"] == {}  # no default profile added for the head
+    for broken in (_worker_without_group, _head_without_profile):
+        config = prepare_config(load_raw())
+        config["head_node"] = {}
+        broken(config)
+        with pytest.raises(AssertionError, match="would call AWS"):
+            aws_config._configure_iam_role(config)
+            aws_config._configure_security_group(config)
+
+
+def _template(name: str):
+    return json.loads((AWS_DIR / name).read_text())
+
+
+def test_ingress_rules_open_ssh_to_the_admin_range_only() -> None:
+    nodes, efs = _template("nodes-ingress.json"), _template("efs-ingress.json")
+    for rules in (nodes, efs):
+        assert not any(w in json.dumps(rules) for w in WORLD)
+    ssh = [r for r in nodes if r.get("IpRanges")]
+    assert [(r["FromPort"], r["ToPort"], r["IpProtocol"]) for r in ssh] == [(22, 22, "tcp")]
+    assert [ip["CidrIp"] for ip in ssh[0]["IpRanges"]] == ["${ADMIN_CIDR}"]
+    # everything else comes from the cluster's own group, never from an address range
+    others = [r for r in nodes if not r.get("IpRanges")] + efs
+    assert all(r["UserIdGroupPairs"] == [{"GroupId": "${CLUSTER_SG}", "Description": ANY}]
+               for r in others)
+    assert [(r["FromPort"], r["ToPort"]) for r in efs] == [(2049, 2049)]
+    assert not any(r.get("Ipv6Ranges") or r.get("PrefixListIds") for r in nodes + efs)
+
+
+class _Any:
+    def __eq__(self, other):
+        return True
+
+
+ANY = _Any()
+
+MUTATING_EC2 = {"ec2:RunInstances", "ec2:CreateTags", "ec2:StartInstances", "ec2:StopInstances",
+                "ec2:TerminateInstances"}
+
+
+def head_policy_problems(policy: dict) -> list[str]:
+    problems = []
+    for st in policy["Statement"]:
+        actions = [st["Action"]] if isinstance(st["Action"], str) else st["Action"]
+        resources = [st["Resource"]] if isinstance(st["Resource"], str) else st["Resource"]
+        if st["Effect"] != "Allow":
+            continue
+        for action in actions:
+            service, _, verb = action.partition(":")
+            if "*" in action:
+                problems.append(f"wildcard action {action}")
+            elif service == "ec2" and not verb.startswith("Describe") and action not in MUTATING_EC2:
+                problems.append(f"unexpected EC2 right {action}")
+            elif service not in ("ec2",):
+                problems.append(f"right outside EC2: {action}")
+        mutating = [a for a in actions if a in MUTATING_EC2]
+        instance = any(":instance/" in r for r in resources)
+        if mutating and instance and not st.get("Condition"):
+            problems.append(f"{mutating} on any instance (no cluster tag condition)")
+        if mutating and any(r == "*" for r in resources):
+            problems.append(f"{mutating} on Resource *")
+        if "ec2:RunInstances" in actions and any(":security-group/" in r for r in resources):
+            if any(not r.endswith("security-group/${CLUSTER_SG}") for r in resources
+                   if ":security-group/" in r):
+                problems.append("instances may launch in other security groups")
+    return problems
+
+
+def test_head_policy_is_scoped_to_this_cluster() -> None:
+    policy = _template("head-policy.json")
+    assert head_policy_problems(policy) == []
+    conditions = [st["Condition"] for st in policy["Statement"] if "Condition" in st]
+    assert {"StringEquals": {"ec2:ResourceTag/ray-cluster-name": load_raw()["cluster_name"]}} \
+        in conditions
+    # no IAM rights at all, so not even iam:PassRole: workers get no instance profile
+    assert "iam:" not in json.dumps(policy)
+
+
+@pytest.mark.parametrize("widen", [
+    lambda p: p["Statement"].append({"Effect": "Allow", "Action": "ec2:*", "Resource": "*"}),
+    lambda p: p["Statement"].append({"Effect": "Allow", "Action": "s3:*", "Resource": "*"}),
+    lambda p: p["Statement"][-1].pop("Condition"),
+    lambda p: p["Statement"][2]["Resource"].append(
+        "arn:aws:ec2:${REGION}:${ACCOUNT_ID}:security-group/*"),
+    lambda p: p["Statement"].append({"Effect": "Allow", "Action": "iam:PassRole", "Resource": "*"}),
+])
+def test_head_policy_check_catches_widening(widen) -> None:
+    policy = _template("head-policy.json")
+    widen(policy)
+    assert head_policy_problems(policy)
+
+
+def test_efs_refuses_plain_text_nfs() -> None:
+    policy = _template("efs-policy.json")
+    deny = [st for st in policy["Statement"] if st["Effect"] == "Deny"]
+    assert deny and deny[0]["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    assert deny[0]["Action"] == "*"
+
+
+def test_setup_script_refuses_world_open_ssh() -> None:
+    script = AWS_DIR / "setup.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    cases = {"0.0.0.0/0": "refusing a world-open SSH range", "::/0": "refusing a world-open",
+             "10.0.0.0/0": "refusing a world-open", "203.0.113.7": "must be a CIDR"}
+    for cidr, message in cases.items():
+        # refused before any AWS call: no aws CLI on this PATH, so a call would fail differently
+        done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=30,
+                              env={"PATH": "/usr/bin:/bin", "ADMIN_CIDR": cidr, "EFS_ID": "fs-1"})
+        assert done.returncode == 1 and message in done.stderr, (cidr, done.stderr)
+    # every template placeholder is one the script fills in
+    rendered = set(re.findall(r"-e \"s\|\\\$\{(\w+)\}", script.read_text()))
+    used = {v for f in AWS_DIR.glob("*.json") for v in re.findall(r"\$\{(\w+)\}", f.read_text())}
+    assert used and used <= rendered, used - rendered
+
+
+def _efs_tls_config() -> str:
+    """The stunnel configuration the initialization command writes, with a sample EFS id."""
+    mount = " ".join(load_raw()["initialization_commands"])
+    printf = mount[mount.index("printf '%s\\n'"):mount.index("| sudo tee")]
+    env = {"PATH": "/usr/bin:/bin", "EFS_HOST": "fs-0123.efs.us-west-2.amazonaws.com"}
+    return subprocess.run(["bash", "-c", printf], capture_output=True, text=True, env=env,
+                          check=True).stdout
+
+
+def test_efs_tunnel_verifies_the_server() -> None:
+    conf = _efs_tls_config()
+    lines = set(conf.splitlines())
+    assert "connect = fs-0123.efs.us-west-2.amazonaws.com:2049" in lines
+    assert "checkHost = fs-0123.efs.us-west-2.amazonaws.com" in lines
+    assert {"client = yes", "verifyChain = yes", "accept = 127.0.0.1:20049"} <= lines
+    mount = " ".join(load_raw()["initialization_commands"])
+    assert "port=20049" in mount and "-p Restart=always stunnel /etc/cspine-efs-tls.conf" in mount
+
+
+@pytest.mark.skipif(shutil.which("stunnel") is None and not os.environ.get("CI"),
+                    reason="stunnel not installed (.ci/run installs it)")
+def test_efs_tunnel_configuration_is_accepted_by_stunnel(tmp_path) -> None:
+    conf = tmp_path / "efs.conf"
+    # a free local port so the check never collides with anything listening on 20049
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    conf.write_text(_efs_tls_config().replace("127.0.0.1:20049", f"127.0.0.1:{port}"))
+    proc = subprocess.Popen(["stunnel", str(conf)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        out = ""
+        for line in proc.stdout:
+            out += line
+            if "Configuration successful" in line or "Configuration failed" in line:
+                break
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert "Configuration successful" in out, out

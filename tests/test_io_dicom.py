@@ -158,12 +158,12 @@ def test_jpeg2000_lossy_ct_is_close_to_original(tmp_path):
 
 
 def test_jpeg_lossless_ct(tmp_path):
-    import libjpeg  # decode the codestream independently of pydicom
+    import imagecodecs  # decode the codestream independently of pydicom and its plugins
 
     source = pydicom_file("bad_sequence.dcm")
     volume, info = read_series(one_file_study(tmp_path, source))
     frame = next(generate_frames(dcm(source).PixelData, number_of_frames=1))
-    np.testing.assert_array_equal(volume[0], libjpeg.decode(frame).astype(np.int32) - 1024)
+    np.testing.assert_array_equal(volume[0], imagecodecs.ljpeg_decode(frame).astype(np.int32) - 1024)
     assert -1024 <= volume.min() and volume.max() < 3000 and info.shape == (512, 512)
 
 
@@ -463,3 +463,85 @@ def test_nothing_to_order_by_is_an_error(tmp_path):
     write_series(folder, [None, None], names=["a.dcm", "b.dcm"], instances=[None, None])
     with pytest.raises(StudyError, match=r"cannot order slices: no ImagePositionPatient and no InstanceNumber"):
         scan_series(folder)
+
+
+# --- the default install decodes every compressed syntax with permissive code only ----------
+
+PERMISSIVE = [  # (file, its syntax's permissive pydicom plugin, an independent reference)
+    ("bad_sequence.dcm", "gdcm", "imagecodecs"),           # JPEG Lossless SV1, real CT
+    ("JPEG-LL.dcm", "gdcm", "imagecodecs"),                # JPEG Lossless SV1, 16 bit
+    ("MR_small_jpeg_ls_lossless.dcm", "gdcm", "MR_small.dcm"),  # JPEG-LS
+    ("MR_small_jp2klossless.dcm", "pylibjpeg", "MR_small.dcm"),  # JPEG 2000 (OpenJPEG)
+    ("MR_small_RLE.dcm", "pydicom", "MR_small.dcm"),       # RLE
+]
+
+
+@pytest.mark.parametrize("name,plugin,reference", PERMISSIVE, ids=[p[0] for p in PERMISSIVE])
+def test_every_compressed_syntax_decodes_with_permissive_plugins(name, plugin, reference):
+    from pydicom.pixels import pixel_array
+
+    path = pydicom_file(name)
+    decoded = pixel_array(path, decoding_plugin=plugin)  # this plugin alone, whatever else is here
+    if reference == "imagecodecs":
+        import imagecodecs
+
+        frame = next(generate_frames(dcm(path).PixelData, number_of_frames=1))
+        np.testing.assert_array_equal(decoded, imagecodecs.ljpeg_decode(frame))
+    elif reference:
+        np.testing.assert_array_equal(decoded, dcm(pydicom_file(reference)).pixel_array)
+    else:
+        assert decoded.shape == (dcm(path).Rows, dcm(path).Columns) and decoded.std() > 0
+
+
+def test_default_install_pulls_in_no_gpl_code():
+    # cspine-ray's requirements without extras, followed through every installed dependency:
+    # none may be GPL (LGPL is not matched). pylibjpeg-libjpeg (GPL-3.0) is the opt-in
+    # `gpl-jpeg` extra only.
+    import re
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from packaging.requirements import Requirement
+
+    gpl = re.compile(r"(?<![L])GPL|GNU General Public", re.IGNORECASE)
+    seen, offenders = set(), []
+
+    def walk(name: str, extras: frozenset) -> None:
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        if (key, extras) in seen:
+            return
+        seen.add((key, extras))
+        try:
+            dist = distribution(name)
+        except PackageNotFoundError:
+            return
+        meta = dist.metadata
+        licence = " ".join([meta.get("License-Expression") or "", (meta.get("License") or "")[:200],
+                            *[c for c in meta.get_all("Classifier") or [] if c.startswith("License")]])
+        if gpl.search(licence) and not re.search(r"lesser|LGPL", licence, re.IGNORECASE):
+            offenders.append(f"{name}: {licence.strip()[:120]}")
+        for spec in dist.requires or []:
+            req = Requirement(spec)
+            if req.marker and not any(req.marker.evaluate({"extra": e}) for e in extras or {""}):
+                continue
+            walk(req.name, frozenset(req.extras))
+
+    walk("cspine-ray", frozenset())
+    assert len(seen) > 20  # the closure really was followed
+    assert offenders == []
+    from importlib.metadata import requires
+
+    assert any("pylibjpeg-libjpeg" in r and "gpl-jpeg" in r for r in requires("cspine-ray"))
+
+
+def test_twelve_bit_jpeg_extended_needs_the_gpl_extra_and_says_so(tmp_path):
+    # lossy 12-bit JPEG Extended (not in the RSNA data) is the one syntax only libjpeg decodes
+    from pydicom.pixels import pixel_array
+
+    source = pydicom_file("JPGExtended.dcm")
+    with pytest.raises((NotImplementedError, RuntimeError), match="12-bit"):
+        pixel_array(source, decoding_plugin="gdcm")
+    try:
+        import libjpeg  # noqa: F401  (the opt-in extra is installed here: it decodes)
+    except ImportError:
+        with pytest.raises(StudyError, match=r"(?s)JPGExtended.*12-bit.*cspine-ray\[gpl-jpeg\]"):
+            read_series(one_file_study(tmp_path, source))

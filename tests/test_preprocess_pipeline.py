@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import nibabel
 import numpy as np
 import pandas as pd
 import pydicom
@@ -108,9 +109,16 @@ def broken_layout(tmp_path_factory, tiny_specs) -> tuple[Path, dict[str, str]]:
     return root, expect
 
 
-def test_broken_studies_are_recorded_and_the_rest_go_on(broken_layout, tmp_path, ray_local):
+def test_broken_studies_are_recorded_and_the_rest_go_on(broken_layout, tmp_path, ray_local,
+                                                      monkeypatch):
     root, expect = broken_layout
+    # the driver parses no study file (on a cluster it runs on the head, with AWS rights):
+    # headers, pixels and segmentations are read in Ray tasks, in other processes
+    parsed_here = []
+    monkeypatch.setattr(pydicom, "dcmread", lambda *a, **k: parsed_here.append(a) or 1 / 0)
+    monkeypatch.setattr(nibabel, "load", lambda *a, **k: parsed_here.append(a) or 1 / 0)
     manifest = run_preprocess(root, tmp_path / "shards", PreprocessConfig(size=64, n_folds=2))
+    assert parsed_here == []
     rows = manifest.set_index("study_uid")
     text = (rows["reason"] + " " + rows["warnings"]).to_dict()
     for uid, needle in expect.items():

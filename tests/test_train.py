@@ -108,3 +108,36 @@ def test_a_killed_worker_is_replaced_and_training_resumes(tiny_shards, tmp_path,
     assert epochs == list(range(1, 9))                   # resumed, not restarted from scratch
     started = list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=1000)
     assert len(started) > 2                              # the worker group was replaced
+
+
+def test_no_reuse_trains_again_and_checkpoints_are_staged_locally(tiny_shards, tmp_path,
+                                                                   ray_local):
+    import yaml
+
+    from cspine_ray.cli import main
+    from cspine_ray.train.job import load_result
+
+    config = tmp_path / "cnn3d.yaml"
+    config.write_text(yaml.safe_dump({**TINY_TRAIN, "family": "cnn3d",
+                                      "optim": {**TINY_TRAIN["optim"], "epochs": 1}}))
+    storage = tmp_path / "runs"
+    args = ["train", "--config", str(config), "--shards", str(tiny_shards),
+            "--storage", str(storage)]
+
+    def state():
+        (folder,) = (storage / "results").glob("cnn3d-*")
+        return load_result(folder).info, sorted((storage / "ray").glob("*/checkpoint_*"))
+
+    assert main(args) == 0
+    first, checkpoints = state()
+    assert len(checkpoints) == 1  # Ray's one uploaded copy; workers staged theirs on local disk
+    assert not (storage / "scratch").exists()
+    assert main(args) == 0
+    assert state() == (first, checkpoints)  # reused: nothing trained
+    assert main(args + ["--no-reuse"]) == 0
+    again, new_checkpoints = state()
+    # trained again from scratch, not restored from the finished run: a fresh Ray Train run
+    # with its own checkpoint, and epoch figures measured anew (the timings differ)
+    assert [h["epoch"] for h in again["history"]] == [1]
+    assert again["history"] != first["history"]
+    assert new_checkpoints != checkpoints and len(new_checkpoints) == 1

@@ -77,6 +77,10 @@ def test_every_trial_is_tracked_in_mlflow(search, tiny_dataset):
         assert params["top_n"] in {str(n) for n in range(1, 8)}
         for key in ("cv_metric", "oof_metric", "oof_auc_mean", "fold_0_metric", "fold_1_metric"):
             assert key in run.data.metrics, key
+        # the shard set is the run's MLflow dataset input, named and hashed like the manifest
+        (dataset,) = [d.dataset for d in run.inputs.dataset_inputs]
+        assert dataset.digest == run.data.tags["manifest_hash"]
+        assert dataset.name.startswith("shards:") and "study_uid" not in dataset.schema
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"roc.png", "calibration.png", "oof_predictions.csv", "config.yaml",
                 "history.json", "sagittal"} <= artifacts
@@ -161,7 +165,43 @@ def test_promote_then_predict_with_a_broken_study_then_score(search, tiny_datase
                                                 dst_path=str(tmp_path / "model"))
     one = inputs / studies[0]
     assert main(["predict", "--model", local, "--input", str(one), "--out", str(tmp_path / "one.csv")]) == 0
-    assert read_submission(tmp_path / "one.csv", [studies[0]]).shape == (1, len(TARGETS))
+    here = read_submission(tmp_path / "one.csv", [studies[0]])
+    assert here.shape == (1, len(TARGETS))
+
+    # the registered version says what it is, and runs where this checkout cannot be imported
+    from mlflow.tracking import MlflowClient
+
+    version = MlflowClient(uri).get_model_version_by_alias("cspine-fracture", "champion")
+    assert "not a medical device" in version.description
+    assert f"manifest hash {trials[0].data.tags['manifest_hash']}" in version.description
+    model = mlflow.models.Model.load(local)
+    assert [c["name"] for c in model.signature.inputs.to_dict()] == ["study_dir", "study_uid"]
+    assert model.saved_input_example_info is not None
+    checkout = str(Path(__file__).resolve().parents[1])
+    script = f"""
+import importlib.util, json, sys
+# no editable-install finder, no checkout on the path: only the model's own copy of the code
+sys.meta_path[:] = [f for f in sys.meta_path if "cspine_ray" not in getattr(f, "__module__", "")]
+sys.path[:] = [p for p in sys.path if p not in ("", ".") and "cspine_ray" not in p
+               and not p.startswith({checkout!r})]
+assert importlib.util.find_spec("cspine_ray") is None, "the checkout is still importable"
+import mlflow.pyfunc, pandas as pd
+mlflow.set_tracking_uri({uri!r})
+model = mlflow.pyfunc.load_model("models:/cspine-fracture@champion")
+import cspine_ray
+assert not cspine_ray.__file__.startswith({checkout!r}), cspine_ray.__file__
+out = model.predict(pd.DataFrame({{"study_dir": [{str(one)!r}]}}))
+print(json.dumps(out.iloc[0].to_dict()))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, timeout=300,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    assert row["status"] == "ok"
+    assert [row[t] for t in TARGETS] == pytest.approx(here.loc[studies[0]].tolist(), abs=1e-6)
 
 
 def test_resume_after_killing_the_driver(tiny_shards, tmp_path, ray_local):

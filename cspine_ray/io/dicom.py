@@ -7,8 +7,8 @@ Two steps keep big studies cheap:
   slice normal (never by file name), and checks the geometry: duplicates, missing slices, gantry
   tilt, non-axial planes. Every fault it works around becomes a line in `SeriesInfo.warnings`;
   a study it cannot use raises `StudyError`.
-- `iter_hu_slices` then decodes one file at a time (any transfer syntax pydicom and the pylibjpeg
-  plugins decode), applies the modality rescale, resizes odd-sized slices to the majority size
+- `iter_hu_slices` then decodes one file at a time (any transfer syntax pydicom and its installed
+  plugins decode: GDCM, OpenJPEG, RLE), applies the modality rescale, resizes odd-sized slices to the majority size
   and yields int16 HU. `read_series` stacks those slices for callers that want the whole volume.
   Asked for fewer pixels (`levels` halvings), it delivers the JPEG 2000 5/3 low-pass band,
   decoded at that resolution when the file is JPEG 2000 (io/jpeg2000.py).
@@ -195,7 +195,10 @@ def _read_header_quietly(path: Path) -> _Header | str:
             meta = getattr(ds, "file_meta", None)
             tsyntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
             if tsyntax and not _decodable(tsyntax):
-                return f"transfer syntax {tsyntax} cannot be decoded here (no plugin installed)"
+                return (f"transfer syntax {UID(tsyntax).name} ({tsyntax}) cannot be decoded "
+                        "here: no installed plugin decodes it (the default install decodes JPEG "
+                        "Lossless, JPEG-LS, JPEG 2000 and RLE; `pip install cspine-ray[gpl-jpeg]` "
+                        "adds libjpeg)")
             bits = _int_or_none(ds.get("BitsAllocated")) or 16
             expected = (rows * cols * bits + 7) // 8
             if tsyntax == DeflatedExplicitVRLittleEndian:
@@ -522,7 +525,10 @@ def _decode_hu(path: Path, study: str, shape: tuple[int, int], levels: int) -> n
                     pixels = halve(pixels, levels, stored_range(bits, pixels.dtype.kind == "i"))
             hu = _rescale(pixels, ds)
     except Exception as exc:  # decoder plugins raise assorted types
-        raise StudyError(study, f"cannot decode {path.name}: {type(exc).__name__}: {str(exc)[:200]}") from exc
+        hint = (" (`pip install cspine-ray[gpl-jpeg]` adds libjpeg, which decodes more JPEG "
+                "variants)" if isinstance(exc, NotImplementedError) or "plugins" in str(exc) else "")
+        raise StudyError(study, f"cannot decode {path.name}: {type(exc).__name__}: "
+                                f"{str(exc)[:200]}{hint}") from exc
     if hu.ndim != 2:
         raise StudyError(study, f"cannot decode {path.name}: expected one 2-D frame, got shape {hu.shape}")
     return hu

@@ -72,6 +72,24 @@ def estimated_cost(item: dict, size: int) -> float:
     return len(files) * shape[0] * shape[1] * per_pixel
 
 
+def estimated_costs(items: list[dict], size: int) -> list[float]:
+    """estimated_cost of each item, read in Ray tasks: the header of a study is a file from
+    outside, so it is parsed on a worker, never in the driver (on a cluster the driver runs on
+    the head, which holds the autoscaler's AWS rights)."""
+    import ray
+
+    task = ray.remote(num_cpus=1)(_chunk_costs)
+    chunks = [items[i:i + _COST_CHUNK] for i in range(0, len(items), _COST_CHUNK)]
+    return [c for costs in ray.get([task.remote(chunk, size) for chunk in chunks]) for c in costs]
+
+
+_COST_CHUNK = 64  # headers per task: one task costs about as much as 20 header reads
+
+
+def _chunk_costs(chunk: list[dict], size: int) -> list[float]:
+    return [estimated_cost(item, size) for item in chunk]
+
+
 def check_settings(out: Path, cfg: PreprocessConfig, source: Path) -> None:
     """Refuse to mix shards of different settings in one folder; record the settings used."""
     path = out / SETTINGS
@@ -96,7 +114,9 @@ def _run_tasks(items: list[dict], cfg: PreprocessConfig, out: Path, verify: bool
     # One map operator fed by an input buffer: Ray Data's per-operator reservation would hold
     # back half of a small cluster's CPUs for the buffer, so share all of them instead.
     ray.data.DataContext.get_current().op_resource_reservation_enabled = False
-    items = sorted(items, key=lambda i: estimated_cost(i, cfg.size), reverse=True)  # longest first: no lone straggler at the end
+    costs = estimated_costs(items, cfg.size)
+    # longest first: no lone straggler at the end
+    items = [item for _, item in sorted(zip(costs, items), key=lambda pair: -pair[0])]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map(
         process_study,

@@ -16,12 +16,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--family", help="override the config's family")
     parser.add_argument("--epochs", type=int, help="override optim.epochs")
     parser.add_argument("--num-workers", type=int,
-                        help="Ray Train workers (default: one per fold; 0 = in-process)")
-    parser.add_argument("--gpus-per-worker", type=float, help="e.g. 0.8 runs 5 folds on 4 GPUs")
+                        help="Ray Train workers (default: as many folds at once as the cluster "
+                             "holds; 0 = in-process)")
+    parser.add_argument("--gpus", type=float,
+                        help="GPUs for the job: 4 runs 5 folds on 4 whole GPUs, 0.5 shares one")
     parser.add_argument("--pretrained", action="store_true",
                         help="start from pretrained timm weights (needs them downloaded or cached)")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
-    parser.add_argument("--no-reuse", action="store_true", help="retrain even if a result exists")
+    parser.add_argument("--no-reuse", action="store_true",
+                        help="train both stages again from scratch even if results exist")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -29,7 +32,7 @@ def config_from_args(args: argparse.Namespace):
 
     overrides = {"family": args.family or None, "optim.epochs": args.epochs,
                  "resources.num_workers": args.num_workers,
-                 "resources.gpus_per_worker": args.gpus_per_worker,
+                 "resources.gpus": args.gpus,
                  "pretrained": args.pretrained or None}
     return build_config(load_yaml(args.config) if args.config else {},
                         {k: v for k, v in overrides.items() if v is not None})

@@ -92,10 +92,13 @@ class SequenceConfig:
 
 @dataclass
 class ResourcesConfig:
-    num_workers: int | None = None  # Ray Train workers; default one per fold; 0 = in-process
+    """What a job runs on; train/placement.py fits the fold workers to the cluster."""
+
+    num_workers: int | None = None  # Ray Train workers; default as many folds at once as fit; 0 = in-process
     cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0    # fractions share a GPU: 0.8 fits 5 folds on 4 GPUs
+    gpus: float = 0.0               # GPUs for the whole job: >= 1 whole GPUs, < 1 a share of one
     max_failures: int = 2           # worker losses survived (resume from the last checkpoint)
+    start_attempts: int = 30        # worker-group starts (Ray waits up to 60 s each) before failing
 
 
 @dataclass

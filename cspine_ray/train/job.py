@@ -35,6 +35,7 @@ from cspine_ray.metric import evaluate
 from cspine_ray.preprocess.manifest import manifest_hash, read_manifest
 from cspine_ray.train.config import TrainConfig
 from cspine_ray.train.loop import fold_file, summarize_folds, torch_load, train_loop_per_worker
+from cspine_ray.train.placement import Cluster, FoldLayout, current_cluster, fold_layout
 from cspine_ray.train.tasks import JobData, make_task
 from cspine_ray.train.tasks.base import (SLICE_TABLES, save_slice_tables, score_predictions,
                                         to_targets)
@@ -120,41 +121,54 @@ def _lock(path: Path):
 def _fit(task_name: str, cfg: TrainConfig, shards_dir: Path, storage: Path, run_name: str,
          n_folds: int, stage1_dir: Path | None, callbacks: list) -> "ray.train.Result":
     import ray.train
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
-    res = cfg.resources
-    num_workers = n_folds if res.num_workers is None else res.num_workers
-    local_mode = num_workers == 0
+    layout = job_layout(cfg, n_folds)
+    local_mode = layout.num_workers == 0
+    log.info("%s: %s", run_name, layout.describe())
     scaling = ray.train.ScalingConfig(
-        num_workers=num_workers,
-        use_gpu=res.gpus_per_worker > 0,
-        resources_per_worker={"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker}
-        if not local_mode else None,
+        num_workers=layout.num_workers,
+        use_gpu=layout.gpus_per_worker > 0,
+        resources_per_worker=layout.resources_per_worker if not local_mode else None,
     )
+    res = cfg.resources
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": to_dict(cfg), "job": {
             "task": task_name, "shards_dir": str(shards_dir),
             "stage1_dir": str(stage1_dir) if stage1_dir else None,
             "local_mode": local_mode, "threads": max(1, int(res.cpus_per_worker)),
-            "scratch": str(storage / "scratch"),
+            # local_mode: the checkpoint folder is kept as it is, so it must be on storage;
+            # workers stage theirs on local disk and Ray uploads them once
+            "scratch": str(storage / "scratch") if local_mode else None,
         }},
+        # folds never all-reduce gradients: gloo needs no NCCL (nor CUDA behind a Ray GPU)
+        torch_config=TorchConfig(backend="gloo"),
         scaling_config=scaling,
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=str(storage / "ray"),
-            failure_config=ray.train.FailureConfig(max_failures=res.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=res.max_failures, controller_failure_limit=res.start_attempts),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             callbacks=callbacks or None,
         ),
     )
-    (storage / "scratch").mkdir(parents=True, exist_ok=True)
+    if local_mode:
+        (storage / "scratch").mkdir(parents=True, exist_ok=True)
     result = trainer.fit()
     if result.error:
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_name} reported no checkpoint")
     return result
+
+
+def job_layout(cfg: TrainConfig, n_folds: int) -> FoldLayout:
+    """The fold layout of a job with these resources on the connected cluster."""
+    res = cfg.resources
+    cluster = current_cluster() if res.num_workers != 0 else Cluster(())
+    return fold_layout(n_folds, cluster, res.cpus_per_worker, res.gpus, res.num_workers)
 
 
 def _export(task_name: str, cfg: TrainConfig, checkpoint, out: Path, n_folds: int, info: dict) -> None:
@@ -206,8 +220,11 @@ def run_task(task_name: str, cfg: TrainConfig, shards_dir: str | Path, storage: 
     """Train `task_name` on every fold (or reuse the finished result stored under `key`)."""
     shards_dir, storage = Path(shards_dir).resolve(), Path(storage).resolve()
     out = result_folder(storage, task_name, key)
+    run_name = f"{task_name}-{key}"
     with _lock(storage / "locks" / f"{out.name}.lock"):
-        if reuse and (out / RESULT).exists():
+        if not reuse:  # train again from scratch: not from an earlier run's checkpoints either
+            shutil.rmtree(storage / "ray" / run_name, ignore_errors=True)
+        elif (out / RESULT).exists():
             log.info("%s: reusing the finished result %s", task_name, out)
             result = load_result(out)
             result.reused = True
@@ -223,7 +240,7 @@ def run_task(task_name: str, cfg: TrainConfig, shards_dir: str | Path, storage: 
                                     if task_name == "locator" else ""))
         model_name, model_kwargs = task.model_spec()
         log.info("%s: training %d folds (key %s)", task_name, data.n_folds, key)
-        result = _fit(task_name, cfg, shards_dir, storage, f"{task_name}-{key}", data.n_folds,
+        result = _fit(task_name, cfg, shards_dir, storage, run_name, data.n_folds,
                       stage1_dir, callbacks or [])
         info = {"key": key, "manifest_hash": manifest_hash(read_manifest(shards_dir)),
                 "prior": data.prior(data.uids).tolist(),  # the fallback for unreadable studies
@@ -233,16 +250,20 @@ def run_task(task_name: str, cfg: TrainConfig, shards_dir: str | Path, storage: 
         return load_result(out)
 
 
-def ensure_stage1(cfg: TrainConfig, shards_dir: str | Path, storage: str | Path) -> TrainResult:
+def ensure_stage1(cfg: TrainConfig, shards_dir: str | Path, storage: str | Path,
+                  reuse: bool = True) -> TrainResult:
     """The stage-1 locator result for these settings and data: reused when it exists."""
     mhash = manifest_hash(read_manifest(shards_dir))
-    return run_task("locator", cfg, shards_dir, storage, cfg.stage1_key(mhash))
+    return run_task("locator", cfg, shards_dir, storage, cfg.stage1_key(mhash), reuse=reuse)
 
 
 def train(cfg: TrainConfig, shards_dir: str | Path, storage: str | Path,
           callbacks: list | None = None, reuse: bool = True) -> TrainResult:
-    """Train a family end to end (its stage 1 first when it needs one); returns the result."""
-    stage1 = ensure_stage1(cfg, shards_dir, storage) if cfg.needs_stage1 else None
+    """Train a family end to end (its stage 1 first when it needs one); returns the result.
+
+    reuse=False trains both stages again from scratch, replacing the stored results.
+    """
+    stage1 = ensure_stage1(cfg, shards_dir, storage, reuse) if cfg.needs_stage1 else None
     key = cfg.training_key(manifest_hash(read_manifest(shards_dir)))
     return run_task(cfg.family, cfg, shards_dir, storage, key,
                     stage1_dir=stage1.path if stage1 else None, callbacks=callbacks, reuse=reuse)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -144,9 +145,17 @@ def _device() -> torch.device:
     import ray.train.torch
 
     try:
-        return ray.train.torch.get_device()
+        device = ray.train.torch.get_device()
     except Exception:  # local mode has no Train device context
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        # Ray granted a GPU that torch cannot see (a node declaring GPUs it lacks, a broken
+        # driver): train on the CPU rather than fail, and say so
+        log.warning("Ray assigned a GPU to this worker but torch sees no CUDA device "
+                    "(CUDA_VISIBLE_DEVICES=%s): training on the CPU",
+                    os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+        device = torch.device("cpu")
+    return device
 
 
 def _quiet_ray_train_reports() -> None:

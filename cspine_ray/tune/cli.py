@@ -40,7 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", nargs="?", const="", default=None, metavar="NAME",
                         help="continue an interrupted search (default: the latest of this space)")
     parser.add_argument("--gpus-per-trial", type=float, default=0.0,
-                        help="GPUs per trial, shared by its fold workers (e.g. 4 for 5 folds)")
+                        help="GPUs per trial: N >= 1 whole GPUs shared out to the folds (4 runs "
+                             "5 folds on 4 GPUs), a fraction shares one GPU")
+    parser.add_argument("--max-concurrent", type=int,
+                        help="at most this many trials at once (default: as many as the cluster "
+                             "holds at its largest, autoscaled nodes included)")
     parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per fold worker")
     parser.add_argument("--seed", type=int, default=0, help="TPE sampler seed")
     parser.add_argument("--pretrained", action="store_true",
@@ -76,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
                          tracking_uri=tracking_uri, experiment=args.experiment or f"cspine-{space.name}",
                          trials=args.trials, resume=args.resume, gpus_per_trial=args.gpus_per_trial,
                          cpus_per_worker=args.cpus_per_worker, seed=args.seed,
+                         max_concurrent=args.max_concurrent,
                          pretrained=args.pretrained)
     name, grid = run_search(opts)
     finished = final_results(grid)

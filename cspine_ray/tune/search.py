@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from cspine_ray.train.config import build_config
+from cspine_ray.train.placement import Cluster, FoldLayout, current_cluster, fold_layout, jobs_at_once
 from cspine_ray.tune.space import DefineByRun, SearchSpace, is_param
 from cspine_ray.tune.tracking import MlflowTracker
 from cspine_ray.tune.trial import TrialSetup, run_trial
@@ -29,6 +29,7 @@ class SearchOptions:
     gpus_per_trial: float = 0.0
     cpus_per_worker: float = 1.0
     seed: int = 0
+    max_concurrent: int | None = None  # cap on trials at once (default: what the cluster holds)
     pretrained: bool = False
     overrides: dict | None = None    # TrainConfig values forced on every trial (tests, tiny runs)
 
@@ -47,19 +48,34 @@ def max_epochs(space: SearchSpace) -> int:
     return int(best)
 
 
-def concurrency(space: SearchSpace, n_workers: int, opts: SearchOptions) -> int:
-    """Trials at once: what the cluster holds, each trial needing its fold workers' resources."""
-    import ray
+def trial_layout(space: SearchSpace, n_folds: int, opts: SearchOptions, cluster: Cluster):
+    """The fold layout every trial of the search gets (the same one train/job.py will use)."""
+    num_workers = (opts.overrides or {}).get("resources.num_workers")
+    return fold_layout(n_folds, cluster, opts.cpus_per_worker, opts.gpus_per_trial, num_workers)
 
-    resources = ray.cluster_resources()
-    if opts.gpus_per_trial > 0:
-        fits = resources.get("GPU", 0) / opts.gpus_per_trial
-    else:
-        fits = resources.get("CPU", 1) / max(n_workers * opts.cpus_per_worker, 1e-9)
-    fits = max(1, math.floor(fits + 1e-9))
-    if space.budget.max_concurrent:
-        fits = min(fits, space.budget.max_concurrent)
+
+def concurrency(space: SearchSpace, layout: FoldLayout, cluster: Cluster,
+                opts: SearchOptions) -> int:
+    """Trials at once: as many trial layouts as the cluster holds at its largest (the
+    autoscaler's limits, not only the nodes up now), capped by --max-concurrent and the
+    space's budget."""
+    fits = jobs_at_once(layout, cluster)
+    for cap in (opts.max_concurrent, space.budget.max_concurrent):
+        if cap:
+            fits = min(fits, cap)
     return fits
+
+
+def sampler(seed: int):
+    """Seeded multivariate TPE; group=True samples each family's conditional parameters
+    jointly (define-by-run spaces otherwise fall back to independent sampling, with warnings)."""
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings():  # `group` is marked experimental; it is what such spaces need
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
 
 
 def search_name(opts: SearchOptions) -> str:
@@ -76,7 +92,6 @@ def search_name(opts: SearchOptions) -> str:
 
 def run_search(opts: SearchOptions):
     """Run (or resume) the search; returns (search name, ResultGrid)."""
-    import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
@@ -89,10 +104,13 @@ def run_search(opts: SearchOptions):
     n_folds = int(manifest["fold"].max()) + 1
     name = search_name(opts)
     path = storage / "tune" / name
-    n_workers = (opts.overrides or {}).get("resources.num_workers") or n_folds
+    cluster = current_cluster()
+    layout = trial_layout(space, n_folds, opts, cluster)  # fails here if it can never be placed
+    at_once = concurrency(space, layout, cluster, opts)
+    log.info("each trial: %s; up to %d trial(s) at once on %s", layout.describe(), at_once,
+             cluster.describe())
     setup = TrialSetup(base=space.base, shards_dir=str(opts.shards_dir.resolve()),
-                       storage=str(storage),
-                       gpus_per_worker=opts.gpus_per_trial / max(n_workers, 1),
+                       storage=str(storage), gpus_per_trial=opts.gpus_per_trial,
                        cpus_per_worker=opts.cpus_per_worker, pretrained=opts.pretrained,
                        overrides=dict(opts.overrides or {}))
     # The trial function only drives a TorchTrainer: it must hold no CPU the fold workers need
@@ -109,7 +127,7 @@ def run_search(opts: SearchOptions):
     else:
         trials = opts.trials or space.budget.trials
         searcher = OptunaSearch(space=DefineByRun(space), metric="cv_metric", mode="min",
-                                sampler=optuna.samplers.TPESampler(seed=opts.seed))
+                                sampler=sampler(opts.seed))
         asha = space.budget.asha
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_epochs(space) + 1,
                                   grace_period=asha.grace_period,
@@ -120,13 +138,14 @@ def run_search(opts: SearchOptions):
             artifact_root=str(storage / "mlartifacts") if opts.tracking_uri.startswith("sqlite") else None,
             search_params={"space": space.name, "trials": trials, "seed": opts.seed,
                            "shards_dir": str(opts.shards_dir.resolve()), "folds": n_folds,
-                           "gpus_per_trial": opts.gpus_per_trial},
+                           "gpus_per_trial": opts.gpus_per_trial,
+                           "trial_layout": layout.describe(), "trials_at_once": at_once},
         )
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,
                                         metric="cv_metric", mode="min",
-                                        max_concurrent_trials=concurrency(space, n_workers, opts)),
+                                        max_concurrent_trials=at_once),
             run_config=tune.RunConfig(name=name, storage_path=str(storage / "tune"),
                                       callbacks=[tracker], verbose=1),
         )

@@ -25,6 +25,7 @@ a search starts, so a typo fails at once with a message naming the key.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,12 +185,29 @@ def load_space(path: str | Path) -> SearchSpace:
     return space
 
 
+ENCODED = "json:"  # prefix of a categorical choice that is a list or mapping, as Optuna sees it
+
+
+def encode_choice(value: Any) -> Any:
+    """Optuna's categorical choices must be None, bool, int, float or str: a list such as
+    input.windows [bone, soft] becomes the string 'json:["bone", "soft"]'."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return ENCODED + json.dumps(value, sort_keys=True)
+
+
+def decode_choice(value: Any) -> Any:
+    if isinstance(value, str) and value.startswith(ENCODED):
+        return json.loads(value[len(ENCODED):])
+    return value
+
+
 def _suggest(trial, name: str, spec: Any) -> Any:
     if not is_param(spec):
         return spec
     kind = spec["type"]
     if kind == "categorical":
-        return trial.suggest_categorical(name, spec["choices"])
+        return trial.suggest_categorical(name, [encode_choice(c) for c in spec["choices"]])
     if kind == "int":
         return trial.suggest_int(name, spec["low"], spec["high"], step=spec.get("step", 1),
                                  log=spec.get("log", False))
@@ -231,9 +249,9 @@ def trial_values(config: dict[str, Any]) -> dict[str, Any]:
     values = {}
     for key, value in config.items():
         if key in FAMILIES and isinstance(value, dict):
-            values.update(value)
+            values.update({k: decode_choice(v) for k, v in value.items()})
         elif "/" in key and key.split("/", 1)[0] in FAMILIES:
-            values[key.split("/", 1)[1]] = value
+            values[key.split("/", 1)[1]] = decode_choice(value)
         else:
-            values[key] = value
+            values[key] = decode_choice(value)
     return values

@@ -185,6 +185,24 @@ class MlflowTracker(Callback):
         self._runs[trial.trial_id] = run_id
         return run_id
 
+    def dataset_input(self, manifest_hash: str):
+        """The shard set as the run's MLflow dataset (the UI's Dataset column): name, digest
+        (the manifest hash), source folder, and the schema and profile of the manifest's label
+        and split columns (no study UIDs)."""
+        import mlflow.data
+        from mlflow.entities import DatasetInput, InputTag
+
+        from cspine_ray import TARGETS
+        from cspine_ray.preprocess.manifest import read_manifest
+
+        manifest = read_manifest(self.shards_dir)
+        columns = ["split", "status", "fold", "has_segmentation", "n_slices", *TARGETS]
+        dataset = mlflow.data.from_pandas(manifest[columns], source=self.shards_dir,
+                                          name=f"shards:{Path(self.shards_dir).name}",
+                                          digest=manifest_hash[:36])
+        return DatasetInput(dataset._to_mlflow_entity(),
+                            tags=[InputTag("mlflow.data.context", "training")])
+
     # --- Tune callback hooks -----------------------------------------------------------------
     def setup(self, **info):
         self.parent_run()
@@ -222,6 +240,7 @@ class MlflowTracker(Callback):
             for k in ("result_dir", "stage1_dir", "training_key", "reused"):
                 client.set_tag(run_id, k, str(result.get(k, "")))
             client.set_tag(run_id, "manifest_hash", trained.info["manifest_hash"])
+            client.log_inputs(run_id, datasets=[self.dataset_input(trained.info["manifest_hash"])])
             client.set_tag(run_id, "family", trained.config.family)
             client.set_tag(run_id, "backbone", "" if trained.config.family == "cnn3d"
                            else trained.config.backbone)

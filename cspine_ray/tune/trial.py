@@ -26,7 +26,7 @@ class TrialSetup:
     base: dict[str, Any]
     shards_dir: str
     storage: str
-    gpus_per_worker: float = 0.0
+    gpus_per_trial: float = 0.0
     cpus_per_worker: float = 1.0
     pretrained: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)  # e.g. resources.num_workers in tests
@@ -35,7 +35,7 @@ class TrialSetup:
 def trial_config(config: dict, setup: TrialSetup):
     values = trial_values(config)
     values.update(setup.overrides)
-    values["resources.gpus_per_worker"] = setup.gpus_per_worker
+    values["resources.gpus"] = setup.gpus_per_trial
     values["resources.cpus_per_worker"] = setup.cpus_per_worker
     if setup.pretrained:
         values["pretrained"] = True
