@@ -131,3 +131,31 @@ def test_an_impossible_request_fails_at_once_with_its_reason(tiny_shards, tmp_pa
     err = capsys.readouterr().err
     assert "a fold worker asks {CPU: 1, GPU: 1}" in err and "GPU: 0}" in err, err
     assert not (tmp_path / "runs" / "tune").exists()  # refused before any trial was started
+
+
+def test_cluster_yaml_gives_four_trials_of_four_whole_gpus():
+    # read as the driver on the head reads ray up's bootstrap config: node types, max counts,
+    # the global max_workers cap (8 = 4 GPU + 4 CPU nodes), the CPU-0 head
+    from pathlib import Path
+
+    from cspine_ray.train.placement import cluster_from_config
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "cluster.yaml").read_text())
+    cluster = cluster_from_config(config)
+    layout = fold_layout(5, cluster, gpus=4)
+    assert (layout.num_workers, layout.gpus_per_worker) == (4, 1.0)
+    assert jobs_at_once(layout, cluster) == 4
+    # the global cap counts nodes: with max_workers 2, at most 2 GPU nodes, 2 trials
+    config["max_workers"] = 2
+    assert jobs_at_once(layout, cluster_from_config(config)) == 2
+    assert "at most 2 worker nodes" in cluster_from_config(config).describe()
+
+
+def test_prediction_replicas_follow_the_gpus_the_cluster_can_reach():
+    from cspine_ray.predict.cli import replica_plan
+
+    assert replica_plan(AUTOSCALING, n_studies=100, batch_size=4) == (16, 1.0)
+    assert replica_plan(AUTOSCALING, n_studies=6, batch_size=4) == (2, 1.0)  # 2 batches
+    assert replica_plan(LAPTOP, n_studies=100, batch_size=4) == (1, 0.0)
+    with pytest.raises(PlacementError, match="GPU: 1"):
+        replica_plan(LAPTOP, 10, 4, gpus_per_replica=1.0)

@@ -59,6 +59,7 @@ def run_predict(model_uri: str, input_dir: str, out: str, wide: str | None = Non
     from cspine_ray.predict.inputs import discover_studies, shard_study
     from cspine_ray.predict.pyfunc import bundle_preprocess
     from cspine_ray.runtime import init_ray
+    from cspine_ray.train.placement import current_cluster
 
     studies = discover_studies(input_dir)
     out_path = Path(out).resolve()
@@ -69,12 +70,10 @@ def run_predict(model_uri: str, input_dir: str, out: str, wide: str | None = Non
         model_path = local_model(model_uri, tracking_uri, work)
         preprocess = bundle_preprocess(model_path)  # the replicas load the models themselves
         init_ray(address=address)
-        gpus = ray.cluster_resources().get("GPU", 0)
-        if gpus_per_replica is None:
-            gpus_per_replica = 1.0 if gpus else 0.0
-        if replicas is None:
-            replicas = max(1, int(gpus // gpus_per_replica)) if gpus_per_replica else 1
-        log.info("predicting %d studies with %d replica(s) of %s", len(studies), replicas, model_uri)
+        replicas, gpus_per_replica = replica_plan(current_cluster(), len(studies), batch_size,
+                                                  replicas, gpus_per_replica)
+        log.info("predicting %d studies with up to %d replica(s) of %s (%g GPU each)",
+                 len(studies), replicas, model_uri, gpus_per_replica)
 
         items = [{**s, "index": i} for i, s in enumerate(studies)]
         ray.data.DataContext.get_current().op_resource_reservation_enabled = False
@@ -83,7 +82,9 @@ def run_predict(model_uri: str, input_dir: str, out: str, wide: str | None = Non
         ds = ds.map_batches(Predictor, batch_size=batch_size, batch_format="pandas",
                             fn_constructor_kwargs={"model_path": model_path, "work_dir": str(work),
                                                    "report_dir": report_dir},
-                            compute=ray.data.ActorPoolStrategy(size=replicas),
+                            # from one replica up: GPU nodes that start at zero join as
+                            # the autoscaler adds them, instead of blocking the first batch
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=replicas),
                             num_gpus=gpus_per_replica,
                             num_cpus=0 if gpus_per_replica else 1)
         table = ds.to_pandas().sort_values("study_uid").reset_index(drop=True)
@@ -93,6 +94,24 @@ def run_predict(model_uri: str, input_dir: str, out: str, wide: str | None = Non
 
     write_outputs(table, out_path, Path(wide) if wide else default_wide(out_path))
     return table
+
+
+def replica_plan(cluster, n_studies: int, batch_size: int, replicas: int | None = None,
+                 gpus_per_replica: float | None = None) -> tuple[int, float]:
+    """(replicas, GPUs each): one replica per GPU the cluster can grow to (autoscaled nodes
+    included), else one CPU replica; never more replicas than batches of studies."""
+    from cspine_ray.train.placement import PlacementError
+
+    if gpus_per_replica is None:
+        gpus_per_replica = 1.0 if cluster.slots(0, 1.0) else 0.0
+    fits = cluster.slots(0 if gpus_per_replica else 1, gpus_per_replica)
+    if fits < 1:
+        raise PlacementError(f"a prediction replica asks {{GPU: {gpus_per_replica:g}}}, but no "
+                             f"node of the cluster can ever hold one: {cluster.describe()}")
+    if replicas is None:
+        replicas = fits if gpus_per_replica else 1
+    batches = max(1, -(-n_studies // batch_size))
+    return max(1, min(replicas, fits, batches)), gpus_per_replica
 
 
 def default_wide(out: Path) -> Path:
@@ -128,7 +147,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report-dir", help="write a PNG report per study here")
     parser.add_argument("--tracking-uri", help="MLflow tracking/registry URI for models:/ URIs "
                                                "(default: sqlite:///runs/mlflow.db)")
-    parser.add_argument("--replicas", type=int, help="model replicas (default: one per GPU, else 1)")
+    parser.add_argument("--replicas", type=int,
+                        help="model replicas at most (default: one per GPU the cluster can grow "
+                             "to, autoscaled nodes included; else 1)")
     parser.add_argument("--gpus-per-replica", type=float, help="default 1 when GPUs exist, else 0")
     parser.add_argument("--batch-size", type=int, default=4, help="studies per replica call")
     parser.add_argument("--work-dir", help="where new studies are sharded (kept); shared storage on a cluster")

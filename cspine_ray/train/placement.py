@@ -13,16 +13,20 @@ worker's resources are chosen so the request can always be placed:
   every fold in turn.
 
 "The cluster" is what it can grow to: the autoscaler's node types with their maximum counts
-where Ray exposes them (a cluster launched with `ray up`, or Ray's fake autoscaling cluster),
-else the nodes that are up. A request no node type can ever hold fails at once, naming what was
-asked and what exists, instead of waiting for resources that will never come.
+(a cluster launched with `ray up`, or Ray's fake autoscaling cluster), else the nodes that are
+up. A request no node type can ever hold fails at once, naming what was asked and what exists,
+instead of waiting for resources that will never come.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,7 @@ class NodeShape:
     cpus: float
     gpus: float
     count: int
+    head: bool = False  # the head node is always there, outside the autoscaler's worker cap
 
     def holds(self, cpus: float, gpus: float) -> int:
         """Workers of (cpus, gpus) one such node holds."""
@@ -59,11 +64,19 @@ class Cluster:
     shapes: tuple[NodeShape, ...]
     max_cpus: float = math.inf
     max_gpus: float = math.inf
+    max_worker_nodes: int | None = None  # the autoscaler's max_workers over all worker types
     autoscaling: bool = False
 
     def slots(self, cpus: float, gpus: float) -> int:
         """Workers of (cpus, gpus) the whole cluster holds at once at its largest."""
-        total = sum(s.count * s.holds(cpus, gpus) for s in self.shapes)
+        total = sum(s.count * s.holds(cpus, gpus) for s in self.shapes if s.head)
+        budget = math.inf if self.max_worker_nodes is None else self.max_worker_nodes
+        # within the global node cap, the node types that hold the most such workers first
+        for shape in sorted((s for s in self.shapes if not s.head),
+                            key=lambda s: -s.holds(cpus, gpus)):
+            nodes = min(shape.count, budget)
+            total += nodes * shape.holds(cpus, gpus)
+            budget -= nodes
         for need, cap in ((cpus, self.max_cpus), (gpus, self.max_gpus)):
             if need > 0 and math.isfinite(cap):
                 total = min(total, math.floor(cap / need + 1e-9))
@@ -72,7 +85,10 @@ class Cluster:
     def describe(self) -> str:
         kinds = ", ".join(f"{s.count if s.count < UNBOUNDED else 'any number'} x {s.name} "
                           f"{{CPU: {s.cpus:g}, GPU: {s.gpus:g}}}" for s in self.shapes)
-        return f"{'an autoscaling cluster of up to ' if self.autoscaling else ''}{kinds or 'no nodes'}"
+        cap = (f" (at most {self.max_worker_nodes} worker nodes in all)"
+               if self.max_worker_nodes is not None else "")
+        return (f"{'an autoscaling cluster of up to ' if self.autoscaling else ''}"
+                f"{kinds or 'no nodes'}{cap}")
 
 
 @dataclass(frozen=True)
@@ -140,25 +156,91 @@ def jobs_at_once(layout: FoldLayout, cluster: Cluster) -> int:
 
 
 def current_cluster() -> Cluster:
-    """The connected Ray cluster at its largest: autoscaler node types, else the live nodes."""
+    """The connected Ray cluster at its largest.
+
+    From the autoscaler's node types and limits: reported to the GCS by autoscaler v2, or read
+    from the config file of the connected cluster's v1 autoscaler (`ray up`'s
+    ~/ray_bootstrap_config.yaml on the head, where the drivers run; CSPINE_AUTOSCALER_CONFIG
+    names it elsewhere). Without an autoscaler: the nodes that are up.
+    """
     import ray
 
-    config = None
-    try:
-        from ray._private.state import state
-
-        config = state.get_cluster_config()
-    except Exception:  # no autoscaler state in this Ray: fall back to the live nodes
-        config = None
-    if config is not None and config.node_group_configs:
-        shapes = tuple(
-            NodeShape(g.name, float(g.resources.get("CPU", 0)), float(g.resources.get("GPU", 0)),
-                      UNBOUNDED if g.max_count < 0 else int(g.max_count))
-            for g in config.node_group_configs)
-        caps = config.max_resources
-        return Cluster(shapes, max_cpus=float(caps.get("CPU", math.inf)),
-                       max_gpus=float(caps.get("GPU", math.inf)), autoscaling=True)
+    cluster = _from_gcs_cluster_config() or _from_autoscaler_file()
+    if cluster is not None:
+        return cluster
     shapes = tuple(NodeShape(f"node {n['NodeID'][:8]}", float(n["Resources"].get("CPU", 0)),
                              float(n["Resources"].get("GPU", 0)), 1)
                    for n in ray.nodes() if n.get("Alive"))
     return Cluster(shapes)
+
+
+def _from_gcs_cluster_config() -> Cluster | None:
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:  # no autoscaler state in this Ray
+        return None
+    if config is None or not config.node_group_configs:
+        return None
+    shapes = tuple(
+        NodeShape(g.name, float(g.resources.get("CPU", 0)), float(g.resources.get("GPU", 0)),
+                  UNBOUNDED if g.max_count < 0 else int(g.max_count))
+        for g in config.node_group_configs)
+    caps = config.max_resources
+    return Cluster(shapes, max_cpus=float(caps.get("CPU", math.inf)),
+                   max_gpus=float(caps.get("GPU", math.inf)), autoscaling=True)
+
+
+def _from_autoscaler_file() -> Cluster | None:
+    path = os.environ.get("CSPINE_AUTOSCALER_CONFIG") or _monitor_config_path()
+    if not path or not Path(path).is_file():
+        return None
+    try:
+        return cluster_from_config(yaml.safe_load(Path(path).read_text()))
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as e:
+        log.warning("could not read the autoscaler config %s (%s): sizing from the nodes up now",
+                    path, e)
+        return None
+
+
+def cluster_from_config(config: dict) -> Cluster:
+    """A Cluster from an autoscaler config (cluster.yaml's schema)."""
+    head_type = config["head_node_type"]
+    shapes = []
+    for name, node_type in config["available_node_types"].items():
+        resources = node_type.get("resources") or {}
+        count = int(node_type.get("max_workers", 0))
+        shape = NodeShape(name, float(resources.get("CPU", 0)), float(resources.get("GPU", 0)),
+                          count)
+        if name == head_type:  # the head itself, plus any workers of its type
+            shapes.append(NodeShape(name, shape.cpus, shape.gpus, 1, head=True))
+        if count > 0:
+            shapes.append(shape)
+    cap = config.get("max_workers")
+    return Cluster(tuple(shapes), max_worker_nodes=None if cap is None else int(cap),
+                   autoscaling=True)
+
+
+def _monitor_config_path() -> str | None:
+    """--autoscaling-config of the v1 autoscaler (monitor.py) serving the connected GCS, if it
+    runs on this machine (the head)."""
+    import psutil
+    import ray
+
+    try:
+        gcs = ray.get_runtime_context().gcs_address
+    except Exception:
+        return None
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            args = proc.info["cmdline"] or []
+            if not any(a.endswith("monitor.py") for a in args[:3]):
+                continue
+            options = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
+            if options.get("gcs-address") != gcs or "autoscaling-config" not in options:
+                continue
+            return str(Path(proc.cwd()) / os.path.expanduser(options["autoscaling-config"]))
+        except (psutil.Error, OSError):
+            continue
+    return None

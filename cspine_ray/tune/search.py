@@ -50,8 +50,9 @@ def max_epochs(space: SearchSpace) -> int:
 
 def trial_layout(space: SearchSpace, n_folds: int, opts: SearchOptions, cluster: Cluster):
     """The fold layout every trial of the search gets (the same one train/job.py will use)."""
-    num_workers = (opts.overrides or {}).get("resources.num_workers")
-    return fold_layout(n_folds, cluster, opts.cpus_per_worker, opts.gpus_per_trial, num_workers)
+    res = build_config(space.base, {**(opts.overrides or {}), "resources.gpus": opts.gpus_per_trial,
+                                    "resources.cpus_per_worker": opts.cpus_per_worker}).resources
+    return fold_layout(n_folds, cluster, res.cpus_per_worker, res.gpus, res.num_workers)
 
 
 def concurrency(space: SearchSpace, layout: FoldLayout, cluster: Cluster,
