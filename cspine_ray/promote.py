@@ -165,9 +165,12 @@ def model_card(info: dict, result_dir: Path, metrics: dict) -> str:
     it did out of fold and how that figure was chosen, and what it is not."""
     import pandas as pd
 
+    from cspine_ray.train.job import evaluate_prior
+
     result = json.loads((result_dir / "result.json").read_text())
     oof = pd.read_parquet(result_dir / "oof.parquet")
     last = result["history"][-1]
+    prior = evaluate_prior(result["shards_dir"])["oof_metric"]
 
     def fig(key: str) -> str:
         value = metrics.get(key)
@@ -189,7 +192,8 @@ def model_card(info: dict, result_dir: Path, metrics: dict) -> str:
         "## Out-of-fold figures (weighted log loss, lower is better; AUCs)",
         f"- CV metric {fig('cv_metric')} (mean of the folds), pooled OOF metric "
         f"{fig('oof_metric')}, mean AUC {fig('oof_auc_mean')}, patient AUC "
-        f"{fig('oof_auc_patient_overall')}",
+        f"{fig('oof_auc_patient_overall')}; the constant prior (each fold predicted with the "
+        f"other folds' prevalences) scores {prior:.4f}",
         f"- how chosen: epoch {result['best_epoch']} of {last['epoch']} is the epoch with the "
         "best CV metric on these same folds, and this trial was the search's best by that "
         "figure, so both are optimistic; the last epoch's CV metric was "

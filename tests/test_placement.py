@@ -159,3 +159,20 @@ def test_prediction_replicas_follow_the_gpus_the_cluster_can_reach():
     assert replica_plan(LAPTOP, n_studies=100, batch_size=4) == (1, 0.0)
     with pytest.raises(PlacementError, match="GPU: 1"):
         replica_plan(LAPTOP, 10, 4, gpus_per_replica=1.0)
+
+
+def test_a_job_is_fitted_to_the_cluster_it_is_given(monkeypatch):
+    # a Tune trial may run on a worker node that cannot see the autoscaler: it is handed the
+    # driver's view of the cluster and must not look at the live one
+    import cspine_ray.train.job as job
+    from cspine_ray.train.config import build_config
+
+    def live():
+        raise AssertionError("looked at the live cluster")
+
+    monkeypatch.setattr(job, "current_cluster", live)
+    cfg = build_config({"resources": {"gpus": 4}}, {})
+    layout = job.job_layout(cfg, 5, AUTOSCALING)
+    assert (layout.num_workers, layout.gpus_per_worker) == (4, 1.0)
+    with pytest.raises(AssertionError, match="live cluster"):
+        job.job_layout(cfg, 5)

@@ -175,6 +175,7 @@ def test_promote_then_predict_with_a_broken_study_then_score(search, tiny_datase
 
     version = MlflowClient(uri).get_model_version_by_alias("cspine-fracture", "champion")
     assert "not a medical device" in version.description
+    assert "the constant prior" in version.description and "last epoch" in version.description
     assert f"manifest hash {trials[0].data.tags['manifest_hash']}" in version.description
     model = mlflow.models.Model.load(local)
     assert [c["name"] for c in model.signature.inputs.to_dict()] == ["study_dir", "study_uid"]

@@ -422,6 +422,10 @@ def scan_series(folder: str | Path, study: str | None = None) -> SeriesInfo:
     if subfolders:
         notes.append(f"ignored {len(subfolders)} subfolder(s): {_listing(subfolders)}")
     files = [p for p in entries if p.is_file()]
+    broken = [p.name for p in entries if not p.is_file() and not p.is_dir()]
+    if broken:  # dangling symlinks, link loops, sockets: nothing to read, said not hidden
+        notes.append(f"skipped {len(broken)} entr{'y' if len(broken) == 1 else 'ies'} that "
+                     f"are neither files nor folders (a broken symlink?): {_listing(broken)}")
     if not files:
         raise StudyError(study, f"no files in {folder}")
 

@@ -42,13 +42,21 @@ def source_fingerprint(item: dict) -> str:
     image_dir = Path(item["image_dir"])
     if image_dir.is_dir():
         for entry in sorted(os.scandir(image_dir), key=lambda e: e.name):
-            st = entry.stat()
-            h.update(f"{entry.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            h.update(f"{entry.name}\0{_stat_key(entry.path)}\n".encode())
     if item.get("segmentation"):
-        st = os.stat(item["segmentation"])
-        h.update(f"seg\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"seg\0{_stat_key(item['segmentation'])}\n".encode())
     h.update(item.get("fracture_boxes", "[]").encode())
     return h.hexdigest()[:32]
+
+
+def _stat_key(path: str) -> str:
+    """Size and mtime of a file; for one that cannot be stat'ed (a dangling symlink, a link
+    loop) the error, so the study goes on to be read, and reports the file, in its own task."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return f"error {e.errno}"
+    return f"{st.st_size}\0{st.st_mtime_ns}"
 
 
 def _chunks(iterable, n):

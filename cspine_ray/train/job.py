@@ -119,11 +119,12 @@ def _lock(path: Path):
 
 
 def _fit(task_name: str, cfg: TrainConfig, shards_dir: Path, storage: Path, run_name: str,
-         n_folds: int, stage1_dir: Path | None, callbacks: list) -> "ray.train.Result":
+         n_folds: int, stage1_dir: Path | None, callbacks: list,
+         cluster: Cluster | None) -> "ray.train.Result":
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    layout = job_layout(cfg, n_folds)
+    layout = job_layout(cfg, n_folds, cluster)
     local_mode = layout.num_workers == 0
     log.info("%s: %s", run_name, layout.describe())
     scaling = ray.train.ScalingConfig(
@@ -164,10 +165,15 @@ def _fit(task_name: str, cfg: TrainConfig, shards_dir: Path, storage: Path, run_
     return result
 
 
-def job_layout(cfg: TrainConfig, n_folds: int) -> FoldLayout:
-    """The fold layout of a job with these resources on the connected cluster."""
+def job_layout(cfg: TrainConfig, n_folds: int, cluster: Cluster | None = None) -> FoldLayout:
+    """The fold layout of a job with these resources on `cluster` (default: the connected one,
+    as seen from this process; a Tune trial gets the driver's view, which knows the autoscaler
+    even when the trial runs on a worker node)."""
     res = cfg.resources
-    cluster = current_cluster() if res.num_workers != 0 else Cluster(())
+    if res.num_workers == 0:
+        cluster = Cluster(())
+    elif cluster is None:
+        cluster = current_cluster()
     return fold_layout(n_folds, cluster, res.cpus_per_worker, res.gpus, res.num_workers)
 
 
@@ -216,8 +222,10 @@ def result_folder(storage: str | Path, task_name: str, key: str) -> Path:
 
 def run_task(task_name: str, cfg: TrainConfig, shards_dir: str | Path, storage: str | Path,
              key: str, stage1_dir: Path | None = None, callbacks: list | None = None,
-             reuse: bool = True) -> TrainResult:
-    """Train `task_name` on every fold (or reuse the finished result stored under `key`)."""
+             reuse: bool = True, cluster: Cluster | None = None) -> TrainResult:
+    """Train `task_name` on every fold (or reuse the finished result stored under `key`).
+
+    `cluster` is what the fold workers are fitted to (default: the connected cluster)."""
     shards_dir, storage = Path(shards_dir).resolve(), Path(storage).resolve()
     out = result_folder(storage, task_name, key)
     run_name = f"{task_name}-{key}"
@@ -241,7 +249,7 @@ def run_task(task_name: str, cfg: TrainConfig, shards_dir: str | Path, storage: 
         model_name, model_kwargs = task.model_spec()
         log.info("%s: training %d folds (key %s)", task_name, data.n_folds, key)
         result = _fit(task_name, cfg, shards_dir, storage, run_name, data.n_folds,
-                      stage1_dir, callbacks or [])
+                      stage1_dir, callbacks or [], cluster)
         info = {"key": key, "manifest_hash": manifest_hash(read_manifest(shards_dir)),
                 "prior": data.prior(data.uids).tolist(),  # the fallback for unreadable studies
                 "shards_dir": str(shards_dir), "model": {"name": model_name, "kwargs": model_kwargs},
@@ -251,10 +259,11 @@ def run_task(task_name: str, cfg: TrainConfig, shards_dir: str | Path, storage: 
 
 
 def ensure_stage1(cfg: TrainConfig, shards_dir: str | Path, storage: str | Path,
-                  reuse: bool = True) -> TrainResult:
+                  reuse: bool = True, cluster: Cluster | None = None) -> TrainResult:
     """The stage-1 locator result for these settings and data: reused when it exists."""
     mhash = manifest_hash(read_manifest(shards_dir))
-    return run_task("locator", cfg, shards_dir, storage, cfg.stage1_key(mhash), reuse=reuse)
+    return run_task("locator", cfg, shards_dir, storage, cfg.stage1_key(mhash), reuse=reuse,
+                    cluster=cluster)
 
 
 def train(cfg: TrainConfig, shards_dir: str | Path, storage: str | Path,

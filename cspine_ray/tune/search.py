@@ -113,7 +113,7 @@ def run_search(opts: SearchOptions):
     setup = TrialSetup(base=space.base, shards_dir=str(opts.shards_dir.resolve()),
                        storage=str(storage), gpus_per_trial=opts.gpus_per_trial,
                        cpus_per_worker=opts.cpus_per_worker, pretrained=opts.pretrained,
-                       overrides=dict(opts.overrides or {}))
+                       overrides=dict(opts.overrides or {}), cluster=cluster)
     # The trial function only drives a TorchTrainer: it must hold no CPU the fold workers need
     # (Tune refuses an empty request, so it asks for a token amount of memory instead).
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cspine_ray.train.config import build_config
+from cspine_ray.train.placement import Cluster
 from cspine_ray.tune.space import trial_values
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class TrialSetup:
     cpus_per_worker: float = 1.0
     pretrained: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)  # e.g. resources.num_workers in tests
+    cluster: Cluster | None = None  # the driver's view (autoscaler limits), for every trial
 
 
 def trial_config(config: dict, setup: TrialSetup):
@@ -52,12 +54,14 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
 
     start = time.time()
     cfg = trial_config(config, setup)
-    stage1 = ensure_stage1(cfg, setup.shards_dir, setup.storage) if cfg.needs_stage1 else None
+    stage1 = (ensure_stage1(cfg, setup.shards_dir, setup.storage, cluster=setup.cluster)
+              if cfg.needs_stage1 else None)
     key = cfg.training_key(manifest_hash(read_manifest(setup.shards_dir)))
     # per-epoch reports come only from a trial that really trains: run_task never starts
     # Ray Train (nor its callbacks) when it reuses a finished result
     result = run_task(cfg.family, cfg, setup.shards_dir, setup.storage, key,
-                      stage1_dir=stage1.path if stage1 else None, callbacks=[TuneReportCallback()])
+                      stage1_dir=stage1.path if stage1 else None, callbacks=[TuneReportCallback()],
+                      cluster=setup.cluster)
     figures = evaluate_result(result, setup.shards_dir, cfg.effective_top_n)
     ray.tune.report({
         "cv_metric": figures["cv_metric"],          # first: the keys progress tables show
