@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -545,3 +546,62 @@ def test_twelve_bit_jpeg_extended_needs_the_gpl_extra_and_says_so(tmp_path):
     except ImportError:
         with pytest.raises(StudyError, match=r"(?s)JPGExtended.*12-bit.*cspine-ray\[gpl-jpeg\]"):
             read_series(one_file_study(tmp_path, source))
+
+
+# --- values no scanner writes: refused per file, before any pixel is decoded ---------------
+
+@pytest.mark.parametrize("keyword,value,needle", [
+    ("RescaleSlope", "0", "RescaleSlope 0 is outside"),            # a constant volume
+    ("RescaleSlope", "NaN", "RescaleSlope nan is outside"),         # all-NaN HU
+    ("RescaleSlope", "1e30", "RescaleSlope 1e+30 is outside"),      # clamped to 32767
+    ("RescaleIntercept", "inf", "RescaleIntercept inf is outside"),
+    ("RescaleSlope", "abc", "RescaleSlope 'abc' is not a number"),
+    ("PixelSpacing", ["0", "0.5"], "PixelSpacing 0 is outside"),    # ZeroDivisionError later
+    ("PixelSpacing", ["-0.5", "-0.5"], "PixelSpacing -0.5 is outside"),
+    ("Rows", 65535, "declared image size 65535x32 exceeds 4096"),   # a decompression bomb
+])
+def test_impossible_header_values_are_refused_with_their_reason(tmp_path, keyword, value, needle):
+    folder = tmp_path / "study"
+    paths = write_series(folder, axial([0.0, 2.0, 4.0]))
+    for path in paths:
+        ds = dcm(path)
+        if keyword == "Rows":
+            ds.Rows = value
+        else:  # written raw, as a broken scanner or a hostile file would hold them
+            vr = "LO" if value == "abc" else "DS"  # DS refuses to hold text
+            ds.add_new(pydicom.datadict.tag_for_keyword(keyword), vr, value)
+        ds.save_as(path)
+    with pytest.raises(StudyError, match=re.escape(needle)):
+        scan_series(folder)
+    # one bad file among good ones is skipped with its reason; the study goes on
+    good = write_series(tmp_path / "mixed", axial([0.0, 2.0, 4.0, 6.0]))
+    ds = dcm(good[0])
+    ds.RescaleSlope = 0
+    ds.save_as(good[0])
+    info = scan_series(tmp_path / "mixed")
+    assert len(info.files) == 3 and any("RescaleSlope 0" in w for w in info.warnings)
+
+
+def test_a_study_too_short_for_the_cervical_spine_is_refused(tmp_path):
+    from cspine_ray.preprocess.study import MIN_EXTENT_MM, MIN_SLICES, check_usable
+
+    cases = {"one slice": [0.0], "two slices": [0.0, 1.0],
+             "16 slices over 15 mm": [float(i) for i in range(16)]}
+    for name, zs in cases.items():
+        folder = tmp_path / name.replace(" ", "_")
+        write_series(folder, axial(zs))
+        with pytest.raises(StudyError, match="too short to hold the cervical spine"):
+            check_usable(scan_series(folder))
+    # preprocessing records the reason instead of writing a shard
+    from cspine_ray.preprocess.config import PreprocessConfig
+    from cspine_ray.preprocess.study import process_study
+
+    item = {"study_uid": "1.2.3", "split": "train", "image_dir": str(tmp_path / "two_slices"),
+            "segmentation": "", "fracture_boxes": "[]"}
+    (tmp_path / "shards" / "studies").mkdir(parents=True)
+    row = process_study(item, PreprocessConfig(size=32), str(tmp_path / "shards"))
+    assert row["status"] == "failed" and "too short" in row["reason"]
+    folder = tmp_path / "enough"
+    write_series(folder, axial([3.0 * i for i in range(MIN_SLICES)]))  # 45 mm
+    assert 3.0 * (MIN_SLICES - 1) >= MIN_EXTENT_MM
+    check_usable(scan_series(folder))  # no error

@@ -167,6 +167,31 @@ def _pixel_data_problem(fp, file_size: int, ds: pydicom.Dataset, expected: int) 
     return None
 
 
+def _value_problem(ds: pydicom.Dataset) -> str | None:
+    """A rescale or pixel spacing no CT scanner writes (they would give constant, NaN or
+    clamped HU, or an impossible geometry), or None."""
+    for keyword, low, high in _PLAUSIBLE:
+        raw = ds.get(keyword)
+        if raw is None or raw == "":
+            continue
+        items = [raw] if isinstance(raw, (str, int, float)) else list(raw)
+        try:
+            values = [float(v) for v in items]
+        except (TypeError, ValueError):
+            return f"{keyword} {str(raw)[:40]!r} is not a number"
+        bad = [v for v in values if not (math.isfinite(v) and low <= v <= high)]
+        if bad:
+            return f"{keyword} {bad[0]:g} is outside {low:g}..{high:g}"
+    return None
+
+
+# (keyword, lowest, highest) of the values CT files really hold; beyond these the HU or the
+# geometry would be nonsense (slope 0: a constant volume; spacing 0: a division by zero)
+_PLAUSIBLE = (("RescaleSlope", 1e-6, 1e3), ("RescaleIntercept", -1e5, 1e5),
+              ("PixelSpacing", 1e-3, 50.0))
+MAX_SIDE = 4096  # px per side a slice may declare (a 65535x65535 RLE header would need 8 GiB)
+
+
 def _read_header(path: Path) -> _Header | str:
     """The header of one file, or the reason it cannot be used."""
     with warnings.catch_warnings():
@@ -184,6 +209,12 @@ def _read_header_quietly(path: Path) -> _Header | str:
             rows, cols = _int_or_none(ds.get("Rows")), _int_or_none(ds.get("Columns"))
             if not rows or not cols:
                 return "not a DICOM image (no Rows/Columns; not DICOM or not an image)"
+            if max(rows, cols) > MAX_SIDE:  # before any decoder allocates rows x cols
+                return (f"declared image size {rows}x{cols} exceeds {MAX_SIDE} px per side "
+                        "(CT slices are at most about 1024)")
+            problem = _value_problem(ds)
+            if problem:
+                return problem
             frames = _int_or_none(ds.get("NumberOfFrames")) or 1
             if frames > 1 or ds.get("SOPClassUID") == EnhancedCTImageStorage:
                 # per-frame geometry lives in functional groups; the RSNA data are single-frame

@@ -49,6 +49,21 @@ def source_fingerprint(item: dict) -> str:
     return h.hexdigest()[:32]
 
 
+# The least a study must cover to show the cervical spine (C1-C7 span about 12-15 cm): below
+# these it is a scout, a fragment or positions collapsed onto one plane, not a neck CT.
+MIN_SLICES = 16
+MIN_EXTENT_MM = 40.0
+
+
+def check_usable(info) -> None:
+    """Refuse a series too short to hold the cervical spine (StudyError with the reason)."""
+    extent = abs(info.z_positions[-1] - info.z_positions[0]) if len(info.z_positions) > 1 else 0.0
+    if len(info.files) < MIN_SLICES or extent < MIN_EXTENT_MM:
+        raise StudyError(info.study, f"too short to hold the cervical spine: {len(info.files)} "
+                                     f"slice(s) over {extent:.1f} mm (needs at least {MIN_SLICES} "
+                                     f"slices and {MIN_EXTENT_MM:g} mm)")
+
+
 def _stat_key(path: str) -> str:
     """Size and mtime of a file; for one that cannot be stat'ed (a dangling symlink, a link
     loop) the error, so the study goes on to be read, and reports the file, in its own task."""
@@ -69,6 +84,7 @@ def build_shard(item: dict, cfg: PreprocessConfig, final: Path, fingerprint: str
     """Read, resample and write one study's shard atomically; returns its meta. Raises StudyError."""
     uid = item["study_uid"]
     info = scan_series(item["image_dir"], study=uid)
+    check_usable(info)
     size = cfg.size
     levels = halvings(info.shape, size)  # 512 px -> 256: read at half resolution, no resize
     tmp = shards.new_tmp_dir(final.parent, uid)
