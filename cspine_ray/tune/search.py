@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cspine_ray.train.config import build_config
-from cspine_ray.train.placement import Cluster, FoldLayout, current_cluster, fold_layout, jobs_at_once
+from cspine_ray.train.placement import Cluster, FoldLayout, current_cluster, jobs_at_once
 from cspine_ray.tune.space import DefineByRun, SearchSpace, is_param
 from cspine_ray.tune.tracking import MlflowTracker
-from cspine_ray.tune.trial import TrialSetup, run_trial
+from cspine_ray.tune.trial import TrialSetup, run_trial, trial_config
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +48,6 @@ def max_epochs(space: SearchSpace) -> int:
     return int(best)
 
 
-def trial_layout(space: SearchSpace, n_folds: int, opts: SearchOptions, cluster: Cluster):
-    """The fold layout every trial of the search gets (the same one train/job.py will use)."""
-    res = build_config(space.base, {**(opts.overrides or {}), "resources.gpus": opts.gpus_per_trial,
-                                    "resources.cpus_per_worker": opts.cpus_per_worker}).resources
-    return fold_layout(n_folds, cluster, res.cpus_per_worker, res.gpus, res.num_workers)
-
-
 def concurrency(space: SearchSpace, layout: FoldLayout, cluster: Cluster,
                 opts: SearchOptions) -> int:
     """Trials at once: as many trial layouts as the cluster holds at its largest (the
@@ -69,7 +62,7 @@ def concurrency(space: SearchSpace, layout: FoldLayout, cluster: Cluster,
 
 def sampler(seed: int):
     """Seeded multivariate TPE; group=True samples each family's conditional parameters
-    jointly (define-by-run spaces otherwise fall back to independent sampling, with warnings)."""
+    jointly (define-by-run spaces otherwise fall back to independent sampling)."""
     import warnings
 
     import optuna
@@ -98,6 +91,7 @@ def run_search(opts: SearchOptions):
     from ray.tune.search.optuna import OptunaSearch
 
     from cspine_ray.preprocess.manifest import read_manifest, usable
+    from cspine_ray.train.job import job_layout
 
     space = opts.space
     storage = opts.storage.resolve()
@@ -106,14 +100,16 @@ def run_search(opts: SearchOptions):
     name = search_name(opts)
     path = storage / "tune" / name
     cluster = current_cluster()
-    layout = trial_layout(space, n_folds, opts, cluster)  # fails here if it can never be placed
-    at_once = concurrency(space, layout, cluster, opts)
-    log.info("each trial: %s; up to %d trial(s) at once on %s", layout.describe(), at_once,
-             cluster.describe())
     setup = TrialSetup(base=space.base, shards_dir=str(opts.shards_dir.resolve()),
                        storage=str(storage), gpus_per_trial=opts.gpus_per_trial,
                        cpus_per_worker=opts.cpus_per_worker, pretrained=opts.pretrained,
                        overrides=dict(opts.overrides or {}), cluster=cluster)
+    # every trial's jobs get this layout (resources do not depend on the sampled values);
+    # it fails here, before any trial, if it can never be placed
+    layout = job_layout(trial_config({}, setup), n_folds, cluster)
+    at_once = concurrency(space, layout, cluster, opts)
+    log.info("each trial: %s; up to %d trial(s) at once on %s", layout.describe(), at_once,
+             cluster.describe())
     # The trial function only drives a TorchTrainer: it must hold no CPU the fold workers need
     # (Tune refuses an empty request, so it asks for a token amount of memory instead).
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),

@@ -20,6 +20,7 @@ import re
 import subprocess
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -128,10 +129,11 @@ class MlflowTracker(Callback):
         self._experiment_id = None
         self._parent = None
         self._runs: dict[str, str] = {}
+        self._dataset = None  # (manifest hash, MLflow dataset entity)
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state.update(_client=None, _experiment_id=None, _parent=None, _runs={})
+        state.update(_client=None, _experiment_id=None, _parent=None, _runs={}, _dataset=None)
         return state
 
     # --- plumbing ----------------------------------------------------------------------------
@@ -195,13 +197,16 @@ class MlflowTracker(Callback):
         from cspine_ray import TARGETS
         from cspine_ray.preprocess.manifest import read_manifest
 
-        manifest = read_manifest(self.shards_dir)
-        columns = ["split", "status", "fold", "has_segmentation", "n_slices", *TARGETS]
-        dataset = mlflow.data.from_pandas(manifest[columns], source=self.shards_dir,
-                                          name=f"shards:{Path(self.shards_dir).name}",
-                                          digest=manifest_hash[:36])
-        return DatasetInput(dataset._to_mlflow_entity(),
-                            tags=[InputTag("mlflow.data.context", "training")])
+        if self._dataset is None or self._dataset[0] != manifest_hash:  # once per search
+            manifest = read_manifest(self.shards_dir)
+            columns = ["split", "status", "fold", "has_segmentation", "n_slices", *TARGETS]
+            with warnings.catch_warnings():  # a hint about serving schemas, not about datasets
+                warnings.filterwarnings("ignore", message=".*integer column")
+                dataset = mlflow.data.from_pandas(manifest[columns], source=self.shards_dir,
+                                                  name=f"shards:{Path(self.shards_dir).name}",
+                                                  digest=manifest_hash)
+            self._dataset = (manifest_hash, dataset._to_mlflow_entity())
+        return DatasetInput(self._dataset[1], tags=[InputTag("mlflow.data.context", "training")])
 
     # --- Tune callback hooks -----------------------------------------------------------------
     def setup(self, **info):
