@@ -36,13 +36,11 @@ def autoscaling_config(node_types: dict, max_workers: int) -> dict:
                for name, spec in node_types.items()}},
         "head_node_type": "ray.head.default",
     }
-    for key in ("file_mounts",):
-        config[key] = {}
-    for key in ("cluster_synced_files", "rsync_exclude", "rsync_filter", "initialization_commands",
-                "setup_commands", "head_setup_commands", "worker_setup_commands",
-                "head_start_ray_commands", "worker_start_ray_commands"):
-        config[key] = []
-    config["file_mounts_sync_continuously"] = False
+    # the keys the v1 autoscaler reads even when it has nothing to sync or run
+    config.update(file_mounts={}, file_mounts_sync_continuously=False, **{key: [] for key in (
+        "cluster_synced_files", "rsync_exclude", "rsync_filter", "initialization_commands",
+        "setup_commands", "head_setup_commands", "worker_setup_commands",
+        "head_start_ray_commands", "worker_start_ray_commands")})
     return config
 
 

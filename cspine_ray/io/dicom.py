@@ -8,8 +8,9 @@ Two steps keep big studies cheap:
   tilt, non-axial planes. Every fault it works around becomes a line in `SeriesInfo.warnings`;
   a study it cannot use raises `StudyError`.
 - `iter_hu_slices` then decodes one file at a time (any transfer syntax pydicom and its installed
-  plugins decode: GDCM, OpenJPEG, RLE), applies the modality rescale, resizes odd-sized slices to the majority size
-  and yields int16 HU. `read_series` stacks those slices for callers that want the whole volume.
+  plugins decode: GDCM, OpenJPEG, RLE), applies the modality rescale, resizes odd-sized slices
+  to the majority size and yields int16 HU. `read_series` stacks those slices for callers that
+  want the whole volume.
   Asked for fewer pixels (`levels` halvings), it delivers the JPEG 2000 5/3 low-pass band,
   decoded at that resolution when the file is JPEG 2000 (io/jpeg2000.py).
 

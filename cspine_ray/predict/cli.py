@@ -150,7 +150,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replicas", type=int,
                         help="model replicas at most (default: one per GPU the cluster can grow "
                              "to, autoscaled nodes included; else 1)")
-    parser.add_argument("--gpus-per-replica", type=float, help="default 1 when GPUs exist, else 0")
+    parser.add_argument("--gpus-per-replica", type=float,
+                        help="default 1 when the cluster has or can add GPUs, else 0")
     parser.add_argument("--batch-size", type=int, default=4, help="studies per replica call")
     parser.add_argument("--work-dir", help="where new studies are sharded (kept); shared storage on a cluster")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")

@@ -94,7 +94,8 @@ class SequenceConfig:
 class ResourcesConfig:
     """What a job runs on; train/placement.py fits the fold workers to the cluster."""
 
-    num_workers: int | None = None  # Ray Train workers; default as many folds at once as fit; 0 = in-process
+    num_workers: int | None = None  # Ray Train workers; default: as many folds at once as fit;
+    #                                 0 = every fold in-process
     cpus_per_worker: float = 1.0
     gpus: float = 0.0               # GPUs for the whole job: >= 1 whole GPUs, < 1 a share of one
     max_failures: int = 2           # worker losses survived (resume from the last checkpoint)
