@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     from cspine_ray.runtime import init_ray
-    from cspine_ray.train.job import ensure_stage1, evaluate_prior, evaluate_result, train
+    from cspine_ray.train.job import ensure_stage1, train
+    from cspine_ray.train.result import evaluate_prior, evaluate_result
 
     print(f"quality benchmark: {args.studies} studies x {args.size} px, {args.epochs} epochs, "
           f"backbone {args.backbone}, {os.cpu_count()} CPUs, load {load():.1f}")
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     stage1, t = timed(timings, lambda: ensure_stage1(family_config("two_stage", args), shards, runs))
     print(f"stage 1: {'reused ' if stage1.reused else ''}{stage1.path.name}, CV ratio+box error "
-          f"{stage1.info['cv_metric']:.4f}" + (f", {t['seconds']:.0f} s" if t else ""))
+          f"{stage1.info.cv_metric:.4f}" + (f", {t['seconds']:.0f} s" if t else ""))
     stage1_timing = t
     for family in FAMILIES:
         cfg = family_config(family, args)
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         figures = evaluate_result(result, shards, cfg.effective_top_n)
         rows.append({"name": family, "figures": figures, "timing": t})
         print(f"{family}: OOF metric {figures['oof_metric']:.4f}, patient AUC "
-              f"{figures['oof_auc_patient_overall']:.3f}, best epoch {result.info['best_epoch']}"
+              f"{figures['oof_auc_patient_overall']:.3f}, best epoch {result.info.best_epoch}"
               + (" (reused)" if result.reused else ""))
     rows.append({"name": "constant prior", "figures": evaluate_prior(shards), "timing": None})
 

@@ -91,11 +91,13 @@ def plain_loop(shards: Path, cfg: TrainConfig, stage1: Path, threads: int) -> di
 
 def ray_train(shards: Path, cfg: TrainConfig, stage1: Path) -> dict:
     from cspine_ray.train.job import _fit
-    from cspine_ray.train.loop import fold_file, torch_load
+    from cspine_ray.train.loop import fold_file
+    from cspine_ray.train.result import torch_load
+    from cspine_ray.train.tasks import JobData
 
     storage = Path(tempfile.mkdtemp(prefix="bench-train-"))
     start = time.perf_counter()
-    result = _fit(cfg.family, cfg, shards.resolve(), storage, "bench", 2, stage1, [])
+    result = _fit(cfg.family, cfg, JobData.load(shards), storage, "bench", stage1, [], None)
     wall = time.perf_counter() - start
     with result.checkpoint.as_directory() as folder:
         history = torch_load(Path(folder) / fold_file(0, "state.pt"))["history"]

@@ -10,4 +10,5 @@ The package follows the data flow, one stage per package or module:
 __version__ = "0.1.0"
 
 VERTEBRAE = ("C1", "C2", "C3", "C4", "C5", "C6", "C7")
+N_VERTEBRAE = len(VERTEBRAE)
 TARGETS = VERTEBRAE + ("patient_overall",)

@@ -6,13 +6,14 @@ types with a message naming the key, so a typo in a YAML file never silently bec
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Iterable, TypeVar
 
 import yaml
 
@@ -40,7 +41,7 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
                 return _check_type(key, value, arg)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"{key}: {value!r} matches none of {annotation}")
+        raise ConfigError(f"{key}: {value!r} matches none of {annotation} ({'; '.join(errors)})")
     if annotation is type(None):
         if value is None:
             return None
@@ -144,10 +145,6 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def from_yaml(cls: type[T], path: str | Path) -> T:
-    return from_dict(cls, load_yaml(path))
-
-
 def set_dotted(config: dict, key: str, value: Any) -> None:
     """config["a"]["b"] = value for key "a.b" (creating the intermediate mappings)."""
     *parents, last = key.split(".")
@@ -157,6 +154,30 @@ def set_dotted(config: dict, key: str, value: Any) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"{key}: {p} is not a section")
     node[last] = value
+
+
+def select(data: dict, keys: Iterable[str]) -> dict:
+    """The parts of nested `data` named by dotted keys ("optim": the section, "optim.lr": one value)."""
+    out: dict = {}
+    for key in keys:
+        node = data
+        for part in key.split("."):
+            node = node[part]
+        set_dotted(out, key, copy.deepcopy(node))
+    return out
+
+
+def drop(data: dict, keys: Iterable[str]) -> dict:
+    """A copy of nested `data` without the dotted keys (those absent are ignored)."""
+    out = copy.deepcopy(data)
+    for key in keys:
+        *parents, last = key.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return out
 
 
 def digest(data: Any, length: int = 16) -> str:

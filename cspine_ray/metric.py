@@ -1,6 +1,6 @@
 """The RSNA 2022 competition metric, ROC AUCs, submission files and the `cspine-ray score` step.
 
-The metric (DESIGN.md section 3) is a weighted binary log loss over 8 rows per study
+The metric (docs/ARCHITECTURE.md, "The metric") is a weighted binary log loss over 8 rows per study
 (C1..C7, patient_overall). A positive row weighs twice its negative; patient_overall weighs
 7x a vertebra. Each study's loss is sum(w*bce)/sum(w) over its own 8 rows and the score is the
 mean over studies (lower is better). `global_metric` pools all rows instead, which weighs
@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
-from cspine_ray import TARGETS, VERTEBRAE
+from cspine_ray import N_VERTEBRAE, TARGETS, VERTEBRAE
 from cspine_ray.io.rsna import check_uid, parse_binary, read_csv_strings
 
 WEIGHTS = {**{v: (1.0, 2.0) for v in VERTEBRAE}, "patient_overall": (7.0, 14.0)}  # (neg, pos)
@@ -91,6 +91,14 @@ def global_metric(y_true, y_pred) -> float:
     y, p = _check_pairs(y_true, y_pred)
     wbce, w = _weighted_bce(y, p)
     return float(wbce.sum() / w.sum())
+
+
+def vertebra_loss(y_true, y_pred) -> float:
+    """The pooled weighted log loss of the seven vertebra rows only (training's validation loss:
+    it does not depend on the patient rule)."""
+    y, p = _check_pairs(y_true, y_pred)
+    wbce, w = _weighted_bce(y, p)
+    return float(wbce[:, :N_VERTEBRAE].sum() / w[:, :N_VERTEBRAE].sum())
 
 
 def roc_auc(y_true_1d, y_score_1d) -> float:

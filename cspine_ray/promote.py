@@ -10,7 +10,6 @@ champion's (lower is better), or with `--force`.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tempfile
@@ -65,6 +64,7 @@ def promote(tracking_uri: str, experiment: str | None = None, run_id: str | None
     from mlflow.tracking import MlflowClient
 
     from cspine_ray.predict.pyfunc import EnsembleModel, make_bundle
+    from cspine_ray.train.result import load_result
 
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -78,14 +78,14 @@ def promote(tracking_uri: str, experiment: str | None = None, run_id: str | None
     if "cv_metric" not in metrics or not tags.get("result_dir"):
         raise ValueError(f"run {run.info.run_id} is not a finished trial with a result")
     cv = float(metrics["cv_metric"])
-    top_n = params.get("top_n")
-    info = {"run_id": run.info.run_id, "cv_metric": cv, "family": tags.get("family", ""),
-            "top_n": int(top_n) if top_n not in (None, "None", "") else None,
+    result = load_result(tags["result_dir"])
+    top_n = params.get("top_n")  # logged only for families with a patient rule
+    info = {"run_id": run.info.run_id, "cv_metric": cv, "family": result.family,
+            "top_n": int(top_n) if top_n is not None else None,
             "oof_metric": metrics.get("oof_metric"), "oof_auc_mean": metrics.get("oof_auc_mean")}
 
     with tempfile.TemporaryDirectory(prefix="cspine-bundle-") as tmp:
-        bundle = make_bundle(tags["result_dir"], tags.get("stage1_dir") or None,
-                             json.loads((Path(tags["result_dir"]) / "result.json").read_text())["shards_dir"],
+        bundle = make_bundle(result.path, result.info.stage1_dir, result.info.shards_dir,
                              Path(tmp) / "bundle", info)
         with mlflow.start_run(run_id=run.info.run_id):
             # the package travels with the model (code_paths), so it loads wherever MLflow
@@ -96,8 +96,7 @@ def promote(tracking_uri: str, experiment: str | None = None, run_id: str | None
                 input_example=input_example(), metadata=info,
                 pip_requirements=requirements())
     version = mlflow.register_model(logged.model_uri, name, tags={k: str(v) for k, v in info.items()})
-    client.update_model_version(name, version.version,
-                                description=model_card(info, Path(tags["result_dir"]), metrics))
+    client.update_model_version(name, version.version, description=model_card(info, result, metrics))
 
     champion = _champion(client, name)
     old_cv = float(champion.tags["cv_metric"]) if champion and "cv_metric" in champion.tags else None
@@ -160,24 +159,20 @@ def input_example():
                          "study_uid": ["1.2.826.0.1.3680043.10001"]})
 
 
-def model_card(info: dict, result_dir: Path, metrics: dict) -> str:
+def model_card(info: dict, result, metrics: dict) -> str:
     """The registered version's description: what it is for, what it was trained on, how well
     it did out of fold and how that figure was chosen, and what it is not."""
-    import pandas as pd
+    from cspine_ray.train.result import evaluate_prior
 
-    from cspine_ray.train.job import evaluate_prior
-
-    result = json.loads((result_dir / "result.json").read_text())
-    oof = pd.read_parquet(result_dir / "oof.parquet")
-    last = result["history"][-1]
-    prior = evaluate_prior(result["shards_dir"])["oof_metric"]
+    trained, oof, last = result.info, result.oof(), result.info.last
+    prior = evaluate_prior(trained.shards_dir)["oof_metric"]
 
     def fig(key: str) -> str:
         value = metrics.get(key)
         return "n/a" if value is None else f"{value:.4f}"
 
     return "\n".join([
-        f"# cspine-ray {info['family']} ensemble ({result['n_folds']} fold models)",
+        f"# cspine-ray {info['family']} ensemble ({trained.n_folds} fold models)",
         "",
         "**Intended use**: research on cervical-spine (C1-C7) fracture detection in axial CT, "
         "as in the RSNA 2022 challenge. **Research use only: not a medical device**, not "
@@ -185,8 +180,8 @@ def model_card(info: dict, result_dir: Path, metrics: dict) -> str:
         "fracture.",
         "",
         "## Training data and split",
-        f"- shards: `{result['shards_dir']}` (manifest hash {result['manifest_hash']})",
-        f"- {len(oof)} labelled studies in {result['n_folds']} folds, one study per group, "
+        f"- shards: `{trained.shards_dir}` (manifest hash {trained.manifest_hash})",
+        f"- {len(oof)} labelled studies in {trained.n_folds} folds, one study per group, "
         "stratified on the labels and on having a segmentation; fold model k never saw fold k",
         "",
         "## Out-of-fold figures (weighted log loss, lower is better; AUCs)",
@@ -194,7 +189,7 @@ def model_card(info: dict, result_dir: Path, metrics: dict) -> str:
         f"{fig('oof_metric')}, mean AUC {fig('oof_auc_mean')}, patient AUC "
         f"{fig('oof_auc_patient_overall')}; the constant prior (each fold predicted with the "
         f"other folds' prevalences) scores {prior:.4f}",
-        f"- how chosen: epoch {result['best_epoch']} of {last['epoch']} is the epoch with the "
+        f"- how chosen: epoch {trained.best_epoch} of {last['epoch']} is the epoch with the "
         "best CV metric on these same folds, and this trial was the search's best by that "
         "figure, so both are optimistic; the last epoch's CV metric was "
         f"{last['cv_metric']:.4f}",

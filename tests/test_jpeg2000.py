@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
+from conftest import REAL_CT
 from cspine_ray.io.dicom import iter_hu_slices, scan_series
 from cspine_ray.io.jpeg2000 import decode_reduced, halve, halved_shape, parse_header, stored_range
 from cspine_ray.preprocess.config import PreprocessConfig
@@ -25,7 +26,8 @@ from cspine_ray.preprocess.shards import open_shard
 from cspine_ray.preprocess.study import process_study
 from cspine_ray.synth import StudySpec, synth_study, write_study
 
-EXAMPLE = Path("../shared/data/real_ct/totalseg_example/example_ct_dicom")
+# resolved from this file (tests/conftest.py), not from the directory pytest was started in
+EXAMPLE = REAL_CT / "totalseg_example" / "example_ct_dicom"
 
 
 def dcm(path) -> pydicom.Dataset:

@@ -58,7 +58,8 @@ def learning_shards(tmp_path_factory, ray_local):
 
 
 def test_two_stage_learns_to_find_fractures(learning_shards, tmp_path):
-    from cspine_ray.train.job import evaluate_prior, evaluate_result, train
+    from cspine_ray.train.job import train
+    from cspine_ray.train.result import evaluate_prior, evaluate_result
 
     cfg = from_dict(TrainConfig, copy.deepcopy(BUDGET))
     result = train(cfg, learning_shards, tmp_path)

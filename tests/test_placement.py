@@ -102,7 +102,7 @@ def _space(path, family="cnn3d", epochs=1):
 @pytest.mark.slow
 def test_tune_on_own_data_with_the_default_five_folds(tiny_dataset, tmp_path, ray_local, caplog):
     from cspine_ray.cli import main
-    from cspine_ray.train.job import load_result
+    from cspine_ray.train.result import load_result
 
     caplog.set_level(logging.INFO, logger="cspine_ray")
     storage = tmp_path / "runs"

@@ -146,4 +146,100 @@ def test_manifest_round_trip_and_hash(tmp_path):
     assert manifest_hash(df) != manifest_hash(back)
     with pytest.raises(FileNotFoundError, match="preprocess"):
         read_manifest(tmp_path / "nothing")
-    assert json.dumps(COLUMNS)
+
+
+def _manifest_rows():
+    """Three studies as the pipeline records them, typed as it types them, out of order, with
+    one column the manifest does not keep ("reused")."""
+    targets = {"C1": [0, 1, 0], "C2": [0, 0, 0], "C3": [0, 1, 0], "C4": [0, 0, 0],
+               "C5": [0, 0, 0], "C6": [0, 0, 0], "C7": [0, 0, 1], "patient_overall": [0, 1, 1]}
+    return pd.DataFrame({
+        "study_uid": ["1.2.9", "1.2.10", "1.2.5"],
+        "split": ["train", "test", "train"],
+        "status": ["ok", "ok", "failed"],
+        "reason": ["", "", "no pixel data"],
+        "shard": ["studies/1.2.9", "studies/1.2.10", ""],
+        "n_slices": [120, 80, 0],
+        "height": [256, 256, 0],
+        "width": [256, 256, 0],
+        "spacing_z": [1.0, 0.625, np.nan],
+        "spacing_y": [0.5, 0.4, np.nan],
+        "spacing_x": [0.5, 0.4, np.nan],
+        **targets,
+        "has_segmentation": [True, False, False],
+        "n_fracture_boxes": [0, 3, 0],
+        "fold": [2, -1, 0],
+        "checksum": ["ab12", "cd34", ""],
+        "warnings": ["", "slice 7 duplicated", ""],
+        "reused": [False, True, False],
+    })
+
+
+def test_manifest_keeps_every_column_value_and_type(tmp_path):
+    df = _manifest_rows()
+    write_manifest(df, tmp_path)
+    back = read_manifest(tmp_path)
+    # exactly the manifest columns, every one of them, in order; the extra column is dropped
+    assert list(back.columns) == COLUMNS and "reused" not in back.columns
+    expected_columns = ["study_uid", "split", "status", "reason", "shard", "n_slices", "height",
+                        "width", "spacing_z", "spacing_y", "spacing_x", "C1", "C2", "C3", "C4",
+                        "C5", "C6", "C7", "patient_overall", "has_segmentation",
+                        "n_fracture_boxes", "fold", "checksum", "warnings"]
+    assert COLUMNS == expected_columns
+    # rows sorted by (split, study_uid): "test" before "train", "1.2.5" before "1.2.9"
+    assert back["study_uid"].tolist() == ["1.2.10", "1.2.5", "1.2.9"]
+    assert back["split"].tolist() == ["test", "train", "train"]
+    # every value survives: the input rows, in the hand-sorted order, less the extra column
+    expected = df.drop(columns="reused").iloc[[1, 2, 0]].reset_index(drop=True)
+    pd.testing.assert_frame_equal(back, expected, check_exact=True)
+    assert back.loc[0, "warnings"] == "slice 7 duplicated" and back.loc[0, "fold"] == -1
+    assert back.loc[1, "reason"] == "no pixel data" and np.isnan(back.loc[1, "spacing_z"])
+    # and every type: numbers stay numbers (no column turned into strings), flags stay bool
+    for c in ("n_slices", "height", "width", "n_fracture_boxes", "fold", "C1", "patient_overall"):
+        assert back[c].dtype == np.int64, c
+    for c in ("spacing_z", "spacing_y", "spacing_x"):
+        assert back[c].dtype == np.float64, c
+    assert back["has_segmentation"].dtype == np.bool_
+    for c in ("study_uid", "split", "status", "reason", "shard", "checksum", "warnings"):
+        assert all(isinstance(v, str) for v in back[c]), c
+
+
+@pytest.mark.parametrize("column", ["fold", "checksum", "patient_overall"])
+def test_read_manifest_refuses_a_file_missing_a_column_and_names_it(tmp_path, column):
+    df = _manifest_rows()
+    df[[c for c in COLUMNS if c != column]].to_parquet(tmp_path / "manifest.parquet", index=False)
+    with pytest.raises(ValueError, match=rf"manifest\.parquet: not a cspine-ray manifest "
+                                         rf"\(missing columns \['{column}'\]\)"):
+        read_manifest(tmp_path)
+
+
+# --- one output folder, one set of shard settings --------------------------------------------
+
+def test_check_settings_refuses_other_shard_settings_in_the_same_folder(tmp_path):
+    from cspine_ray.preprocess.pipeline import SETTINGS, check_settings
+
+    out = tmp_path / "shards-64"
+    out.mkdir()
+    source = tmp_path / "rsna"
+    check_settings(out, PreprocessConfig(size=64), source)
+    recorded = (out / SETTINGS).read_bytes()
+    settings = json.loads(recorded)
+    assert settings["config"]["size"] == 64 and settings["source"] == str(source)
+
+    with pytest.raises(ValueError) as refused:
+        check_settings(out, PreprocessConfig(size=128), source)
+    message = str(refused.value)
+    assert str(out) in message and "other settings" in message
+    assert "'size': 128" in message  # what was asked for, so the user can pick another --out
+    assert (out / SETTINGS).read_bytes() == recorded  # the folder still says size 64
+    assert [p.name for p in out.iterdir()] == [SETTINGS]  # no temp file left behind
+
+    # the same shard settings pass (folds are not a shard setting), and the record stays 64 px
+    check_settings(out, PreprocessConfig(size=64), source)
+    check_settings(out, PreprocessConfig(size=64, n_folds=3), source)
+    assert json.loads((out / SETTINGS).read_text())["config"]["size"] == 64
+    # a fresh folder takes any settings
+    other = tmp_path / "shards-128"
+    other.mkdir()
+    check_settings(other, PreprocessConfig(size=128), source)
+    assert json.loads((other / SETTINGS).read_text())["config"]["size"] == 128

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -15,11 +16,12 @@ import torch
 
 from conftest import TINY_TRAIN
 from cspine_ray import VERTEBRAE
+from cspine_ray.datasets import ShardStore
 from cspine_ray.predict.ensemble import load_fold_models
-from cspine_ray.train.config import TrainConfig
-from cspine_ray.train.job import ensure_stage1, evaluate_result, train
+from cspine_ray.train.config import TrainConfig, build_config
+from cspine_ray.train.job import ensure_stage1, train
+from cspine_ray.train.result import evaluate_result, load_result, torch_load
 from cspine_ray.train.tasks import JobData, make_task
-from cspine_ray.train.config import build_config
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +40,7 @@ def test_family_trains_on_fold_workers_and_exports(family, tiny_shards, storage,
     cfg = tiny(family)
     result = train(cfg, tiny_shards, storage)
     assert result.family == family and result.n_folds == 2
-    history = result.info["history"]
+    history = result.info.history
     assert [h["epoch"] for h in history] == [1, 2]
     for h in history:  # every epoch: each fold's figures and their CV mean
         for k in ("cv_metric", "fold_0_metric", "fold_1_metric", "cv_auc_mean", "cv_val_loss",
@@ -46,7 +48,7 @@ def test_family_trains_on_fold_workers_and_exports(family, tiny_shards, storage,
             assert k in h and np.isfinite(h[k]), k
         assert h["cv_metric"] == pytest.approx((h["fold_0_metric"] + h["fold_1_metric"]) / 2)
 
-    data = JobData.load(tiny_shards, result.info["stage1_dir"])
+    data = JobData.load(tiny_shards, result.info.stage1_dir)
     oof = result.oof()
     assert sorted(oof["study_uid"]) == sorted(data.uids)          # each study exactly once
     assert (oof.set_index("study_uid")["fold"] == pd.Series(data.folds)).all()
@@ -81,33 +83,48 @@ def test_stage1_is_trained_once_and_reused(tiny_shards, storage, ray_local):
 def test_in_process_training_with_zero_workers(tiny_shards, tmp_path, ray_local):
     cfg = tiny("cnn3d", **{"resources.num_workers": 0, "optim.epochs": 1})
     result = train(cfg, tiny_shards, tmp_path)
-    assert len(result.info["history"]) == 1 and result.n_folds == 2
+    assert len(result.info.history) == 1 and result.n_folds == 2
 
 
 def test_a_killed_worker_is_replaced_and_training_resumes(tiny_shards, tmp_path, ray_local):
     from ray.util.state import list_actors
 
+    address = ray_local.get_runtime_context().gcs_address  # not any other Ray on the machine
+
+    def train_workers(**filters) -> set[str]:
+        found = list_actors(address=address, limit=10_000, filters=[
+            ("class_name", "=", "RayTrainWorker"), *[(k, "=", v) for k, v in filters.items()]])
+        return {a.actor_id for a in found}
+
+    earlier = train_workers()  # the shared Ray session holds the workers of earlier tests
     cfg = tiny("cnn3d", **{"optim.epochs": 8})
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.update(result=train(cfg, tiny_shards, tmp_path)))
     thread.start()
-    killed = None
+    killed, before = None, None
     deadline = time.time() + 240
     while thread.is_alive() and time.time() < deadline and killed is None:
-        checkpoints = list((tmp_path / "ray").glob("*/checkpoint_*"))
-        if checkpoints:
-            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-            if workers:
-                killed = workers[0].pid
-                os.kill(killed, signal.SIGKILL)
         time.sleep(0.1)
+        snapshots = list((tmp_path / "ray").glob("*/checkpoint_manager_snapshot.json"))
+        alive = train_workers(state="ALIVE") - earlier
+        if snapshots and alive:
+            try:  # the checkpoint Ray has registered (what a restart resumes from, or later)
+                registered = json.loads(snapshots[0].read_text())["checkpoint_results"][-1]
+                folder = snapshots[0].parent / registered["checkpoint_dir_name"]
+                before = torch_load(folder / "fold_0.state.pt")["history"]  # with its timings
+            except Exception:  # caught mid-write: try again
+                continue
+            killed = list_actors(address=address, filters=[("actor_id", "=", sorted(alive)[0])])[0].pid
+            os.kill(killed, signal.SIGKILL)
     thread.join(timeout=300)
     assert killed is not None, "training ended before a worker could be killed"
-    result = outcome["result"]
-    epochs = [h["epoch"] for h in result.info["history"]]
-    assert epochs == list(range(1, 9))                   # resumed, not restarted from scratch
-    started = list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=1000)
-    assert len(started) > 2                              # the worker group was replaced
+    history = outcome["result"].info.history
+    assert [h["epoch"] for h in history] == list(range(1, 9))
+    # resumed, not restarted: the epochs done before the kill are those of the checkpoint
+    # (a restart from scratch would have measured them anew: other timings, other losses)
+    same = json.dumps(history[:len(before)], sort_keys=True) == json.dumps(before, sort_keys=True)
+    assert 1 <= len(before) < 8 and same                  # (json: NaN figures compare equal)
+    assert len(train_workers() - earlier) > 2             # the worker group was replaced
 
 
 def test_no_reuse_trains_again_and_checkpoints_are_staged_locally(tiny_shards, tmp_path,
@@ -115,7 +132,6 @@ def test_no_reuse_trains_again_and_checkpoints_are_staged_locally(tiny_shards, t
     import yaml
 
     from cspine_ray.cli import main
-    from cspine_ray.train.job import load_result
 
     config = tmp_path / "cnn3d.yaml"
     config.write_text(yaml.safe_dump({**TINY_TRAIN, "family": "cnn3d",
@@ -139,6 +155,92 @@ def test_no_reuse_trains_again_and_checkpoints_are_staged_locally(tiny_shards, t
     again, new_checkpoints = state()
     # trained again from scratch, not restored from the finished run: a fresh Ray Train run
     # with its own checkpoint, and epoch figures measured anew (the timings differ)
-    assert [h["epoch"] for h in again["history"]] == [1]
-    assert again["history"] != first["history"]
+    assert [h["epoch"] for h in again.history] == [1]
+    assert again.history != first.history
     assert new_checkpoints != checkpoints and len(new_checkpoints) == 1
+
+
+def test_fold_models_never_train_on_their_own_folds_studies(tiny_shards, storage, ray_local):
+    from cspine_ray.train.loop import FoldRun
+
+    data = JobData.load(tiny_shards)
+    cpu = torch.device("cpu")
+    for name in ("locator", "two_stage", "cnn3d"):
+        task = make_task(name, tiny("two_stage" if name == "locator" else name), data)
+        for fold in range(data.n_folds):
+            trained_on = set(FoldRun(task, fold, cpu).train_uids)
+            assert trained_on and not trained_on & set(data.fold_uids(fold)), (name, fold)
+
+
+def test_stage1_tables_of_training_studies_are_out_of_fold(tiny_shards, storage, ray_local):
+    """Each training study's slice table is the one its own fold's locator predicts, and a
+    leak (the other fold's model, which trained on it) would give another table."""
+    cfg = tiny("two_stage")
+    stage1 = ensure_stage1(cfg, tiny_shards, storage)
+    data = JobData.load(tiny_shards, stage1.path)
+    task = make_task("locator", cfg, data)
+    models = load_fold_models(stage1, torch.device("cpu"))
+    for uid in data.uids:
+        own, other = (task.predict_tables(models[f], [uid], torch.device("cpu"))[uid]
+                      for f in (data.folds[uid], 1 - data.folds[uid]))
+        np.testing.assert_allclose(data.slice_tables[uid], own, atol=1e-5)
+        assert not np.allclose(data.slice_tables[uid], other, atol=1e-5), uid
+
+
+def test_two_stage_validation_falls_back_to_the_prior_of_the_other_studies(tiny_shards, ray_local):
+    cfg = tiny("two_stage")
+    data = JobData.load(tiny_shards)
+    # stage 1 found nothing anywhere: every vertebra must get the prior, never a guess
+    nothing = {u: np.zeros((n, 11), np.float32) for u, n in zip(
+        data.uids, [ShardStore(tiny_shards).get(u).volume.shape[0] for u in data.uids])}
+    data.slice_tables = nothing
+    task = make_task("two_stage", cfg, data)
+    held_out = data.fold_uids(0)
+    preds = task.predict(task.build_model(), held_out, torch.device("cpu"))
+    others = [u for u in data.uids if u not in held_out]
+    # by hand: the prevalence of each vertebra among the OTHER studies, clipped to [0.01, 0.99]
+    expected = np.clip(np.mean([data.labels[u][:7] for u in others], axis=0), 0.01, 0.99)
+    with_held_out = np.clip(np.mean([data.labels[u][:7] for u in data.uids], axis=0), 0.01, 0.99)
+    assert not np.allclose(expected, with_held_out)       # a leak would change the answer
+    for uid in held_out:
+        np.testing.assert_allclose(preds.loc[uid, list(VERTEBRAE)].to_numpy(float), expected,
+                                   rtol=1e-6)
+
+
+def test_the_ensemble_is_the_mean_of_its_fold_models(tiny_shards, storage, ray_local):
+    from cspine_ray.predict.ensemble import Ensemble
+
+    cfg = tiny("cnn3d")
+    result = train(cfg, tiny_shards, storage)  # reused from the export test when it ran
+    data = JobData.load(tiny_shards)
+    uids = data.uids[:4]
+    cpu = torch.device("cpu")
+    task = make_task("cnn3d", cfg, data)
+    per_fold = [task.predict(m, uids, cpu).loc[uids].to_numpy(float)
+                for m in load_fold_models(result, cpu)]
+    assert not np.allclose(per_fold[0], per_fold[1])   # two different models to average
+    targets, _ = Ensemble.load(result.path, device="cpu").predict(tiny_shards, uids)
+    # cnn3d: C1..C7 and its own patient output, each the plain mean of the two fold models
+    np.testing.assert_allclose(targets.loc[uids].to_numpy(float),
+                               (per_fold[0] + per_fold[1]) / 2, rtol=1e-6)
+
+
+def test_two_concurrent_jobs_for_one_result_train_it_once(tiny_shards, tmp_path, ray_local):
+    cfg = tiny("cnn3d", **{"optim.epochs": 1})
+    results, errors = [], []
+
+    def job():
+        try:
+            results.append(train(cfg, tiny_shards, tmp_path))
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=job) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and len(results) == 2
+    assert sorted(r.reused for r in results) == [False, True]  # the second waited, then reused
+    assert results[0].path == results[1].path
+    assert len(list((tmp_path / "ray").iterdir())) == 1      # one Ray Train run

@@ -13,13 +13,13 @@
 from cspine_ray.datasets.augment import AugmentConfig, augment_batch
 from cspine_ray.datasets.sequences import VertebraSequenceDataset, choose_slices, study_crop_box
 from cspine_ray.datasets.slices import SliceDataset, slice_items
-from cspine_ray.datasets.store import ShardStore, shard_path
+from cspine_ray.datasets.store import ShardStore
 from cspine_ray.datasets.tables import shard_slice_table, shard_slice_tables, study_labels
 from cspine_ray.datasets.volumes import VolumeDataset
 from cspine_ray.datasets.windowing import WINDOWS, apply_windows, resolve_windows
 
 __all__ = [
-    "WINDOWS", "apply_windows", "resolve_windows", "ShardStore", "shard_path", "study_labels",
+    "WINDOWS", "apply_windows", "resolve_windows", "ShardStore", "study_labels",
     "shard_slice_table", "shard_slice_tables", "SliceDataset", "slice_items", "choose_slices",
     "study_crop_box", "VertebraSequenceDataset", "VolumeDataset", "AugmentConfig", "augment_batch",
 ]

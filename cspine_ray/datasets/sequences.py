@@ -25,9 +25,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from cspine_ray import N_VERTEBRAE
 from cspine_ray.datasets.images import read_windowed
 from cspine_ray.datasets.store import ShardStore
-from cspine_ray.datasets.tables import N_RATIOS, check_slice_table
+from cspine_ray.datasets.tables import check_slice_table
 from cspine_ray.datasets.windowing import resolve_windows
 from cspine_ray.io.errors import StudyError
 
@@ -64,10 +65,10 @@ def choose_slices(ratio_table: np.ndarray, vertebra: int, length: int, threshold
                   smooth: int = 5) -> tuple[np.ndarray, bool]:
     """Slices for vertebra `vertebra` (0 = C1 ... 6 = C7) -> (int64 (3 * length,) ascending, found)."""
     ratio_table = np.asarray(ratio_table)
-    if ratio_table.ndim != 2 or ratio_table.shape[1] != N_RATIOS or len(ratio_table) == 0:
-        raise ValueError(f"ratio table must be (z > 0, {N_RATIOS}), got {ratio_table.shape}")
-    if not 0 <= vertebra < N_RATIOS:
-        raise ValueError(f"vertebra must be 0..{N_RATIOS - 1}, got {vertebra}")
+    if ratio_table.ndim != 2 or ratio_table.shape[1] != N_VERTEBRAE or len(ratio_table) == 0:
+        raise ValueError(f"ratio table must be (z > 0, {N_VERTEBRAE}), got {ratio_table.shape}")
+    if not 0 <= vertebra < N_VERTEBRAE:
+        raise ValueError(f"vertebra must be 0..{N_VERTEBRAE - 1}, got {vertebra}")
     if length < 1:
         raise ValueError(f"length must be at least 1, got {length}")
     smoothed = smooth_ratios(ratio_table, smooth)
@@ -94,8 +95,8 @@ def _fallback_slices(smoothed: np.ndarray, vertebra: int, threshold: float) -> n
     cervical = np.flatnonzero(smoothed.max(axis=1) > threshold)
     first, last = (cervical[0], cervical[-1]) if len(cervical) else (0, len(smoothed) - 1)
     n = last - first + 1
-    start = first + vertebra * n // N_RATIOS
-    stop = max(first + (vertebra + 1) * n // N_RATIOS, start + 1)
+    start = first + vertebra * n // N_VERTEBRAE
+    stop = max(first + (vertebra + 1) * n // N_VERTEBRAE, start + 1)
     return np.arange(start, stop)
 
 
@@ -165,8 +166,8 @@ class VertebraSequenceDataset(Dataset):
         self.store = ShardStore(shards_dir, max_open=max_open)
         self.samples = [(uid, int(v)) for uid, v in samples]
         for uid, v in self.samples:
-            if not 0 <= v < N_RATIOS:
-                raise ValueError(f"vertebra must be 0..{N_RATIOS - 1}, got {v} for study {uid}")
+            if not 0 <= v < N_VERTEBRAE:
+                raise ValueError(f"vertebra must be 0..{N_VERTEBRAE - 1}, got {v} for study {uid}")
             if uid not in slice_tables:
                 raise StudyError(uid, "no slice table for this study")
             if labels is not None and uid not in labels:
@@ -193,9 +194,9 @@ class VertebraSequenceDataset(Dataset):
         volume = self.store.get(uid).volume
         n, height, width = volume.shape
         table = check_slice_table(uid, self.slice_tables[uid], n)
-        indices, found = choose_slices(table[:, :N_RATIOS], vertebra, self.length, self.threshold,
+        indices, found = choose_slices(table[:, :N_VERTEBRAE], vertebra, self.length, self.threshold,
                                        self.smooth)
-        box = study_crop_box(table[:, N_RATIOS:], indices, self.margin)
+        box = study_crop_box(table[:, N_VERTEBRAE:], indices, self.margin)
         crop = box_to_pixels(box, height, width)
         image = read_windowed(volume, indices, self.windows, self.crop_size, crop)  # (W, 3L, S, S)
         size = self.crop_size

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cspine_ray import TARGETS
+from cspine_ray import N_VERTEBRAE, TARGETS
 from cspine_ray.datasets.images import read_windowed
 from cspine_ray.datasets.store import ShardStore
-from cspine_ray.datasets.tables import N_RATIOS, check_slice_table
+from cspine_ray.datasets.tables import check_slice_table
 from cspine_ray.datasets.windowing import resolve_windows
 from cspine_ray.io.errors import StudyError
 
@@ -112,10 +112,10 @@ class SliceDataset(Dataset):
     def _targets(self, uid: str, shard, z: int) -> tuple[np.ndarray, np.ndarray, bool]:
         if uid in self.slice_table:
             row = check_slice_table(uid, self.slice_table[uid], shard.volume.shape[0])[z]
-            return row[:N_RATIOS], row[N_RATIOS:], True
+            return row[:N_VERTEBRAE], row[N_VERTEBRAE:], True
         if shard.ratio is not None and shard.box is not None:
             return np.asarray(shard.ratio[z], np.float32), np.asarray(shard.box[z], np.float32), True
-        return np.zeros(N_RATIOS, np.float32), np.full(4, np.nan, np.float32), False
+        return np.zeros(N_VERTEBRAE, np.float32), np.full(4, np.nan, np.float32), False
 
     def __getitem__(self, i: int) -> dict:
         s, z = int(self.study[i]), int(self.z[i])
@@ -145,6 +145,6 @@ class SliceDataset(Dataset):
         }
         if self.labels is not None:
             label = self.labels[s]
-            sample["fracture"] = torch.from_numpy(visible * label[:N_RATIOS])
+            sample["fracture"] = torch.from_numpy(visible * label[:N_VERTEBRAE])
             sample["label"] = torch.from_numpy(label.copy())
         return sample

@@ -15,15 +15,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from cspine_ray.io.errors import StudyError
-from cspine_ray.io.rsna import check_uid
-from cspine_ray.preprocess.shards import META, Shard, open_shard
-
-STUDIES = "studies"
-
-
-def shard_path(shards_dir: str | Path, uid: str) -> Path:
-    """SHARDS/studies/<uid>; the uid is checked so it cannot escape the folder."""
-    return Path(shards_dir) / STUDIES / check_uid(uid)
+from cspine_ray.preprocess.shards import META, Shard, open_shard, study_path
 
 
 class ShardStore:
@@ -48,7 +40,7 @@ class ShardStore:
         if shard is not None:
             self._open.move_to_end(uid)
             return shard
-        path = shard_path(self.shards_dir, uid)
+        path = study_path(self.shards_dir, uid)
         if not (path / META).is_file():
             raise StudyError(uid, f"no shard at {path}")
         shard = open_shard(path, mmap=True)

@@ -13,12 +13,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cspine_ray import TARGETS
+from cspine_ray import N_VERTEBRAE, TARGETS
 from cspine_ray.datasets.store import ShardStore
 from cspine_ray.io.errors import StudyError
 
-N_RATIOS = 7
-SLICE_TABLE_WIDTH = 11
+SLICE_TABLE_WIDTH = N_VERTEBRAE + 4  # ratio C1..C7, then the box x0, y0, x1, y1
 
 
 def study_labels(manifest: pd.DataFrame) -> dict[str, np.ndarray]:

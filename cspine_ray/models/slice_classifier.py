@@ -1,9 +1,9 @@
 """Family `single_head`'s building block: one 2.5D slice -> N logits through a timm backbone.
 
-The single_head family trains two of these (thesis section 4.4.1): model A says which
-vertebrae a slice shows (7 outputs, trained on the segmented studies, then pseudo-labels for
-all), model B says which vertebrae in the slice are fractured (7 outputs, label = visible x
-study label). Study scores come from `aggregate.study_from_slices`.
+It is model B of the thesis's single_head (section 4.4.1): which vertebrae in the slice are
+fractured (7 outputs, label = visible x study label). Model A, which vertebrae a slice shows, is
+the stage-1 locator ("slice_locator") here. A study's score per vertebra is the max over its
+slices (`train/tasks/slices.py`).
 """
 
 from __future__ import annotations

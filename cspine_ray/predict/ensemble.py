@@ -21,7 +21,7 @@ from torch import nn
 
 from cspine_ray import TARGETS
 from cspine_ray.models import create_model
-from cspine_ray.train.job import TrainResult, load_result
+from cspine_ray.train.result import TrainResult, load_result
 from cspine_ray.train.tasks import JobData, make_task
 from cspine_ray.train.tasks.base import to_targets
 
@@ -30,13 +30,13 @@ log = logging.getLogger(__name__)
 
 def load_fold_models(result: TrainResult, device: torch.device) -> list[nn.Module]:
     """Every fold's best-epoch model, built from the stored spec (never downloading weights)."""
-    spec = result.info["model"]
+    spec = result.info.model
     models = []
     for fold in range(result.n_folds):
-        kwargs = dict(spec["kwargs"])
+        kwargs = dict(spec.kwargs)
         if "pretrained" in kwargs:
             kwargs["pretrained"] = False  # the fold weights replace them anyway
-        model = create_model(spec["name"], **kwargs)
+        model = create_model(spec.name, **kwargs)
         model.load_state_dict(result.fold_weights(fold))
         models.append(model.to(device).eval())
     return models
@@ -58,7 +58,7 @@ class Ensemble:
         result = load_result(result_dir)
         stage1 = None
         if result.config.needs_stage1:
-            stage1 = load_result(stage1_dir or result.info["stage1_dir"])
+            stage1 = load_result(stage1_dir or result.info.stage1_dir)
         return cls(
             result=result, models=load_fold_models(result, device), stage1=stage1,
             stage1_models=load_fold_models(stage1, device) if stage1 else [],
@@ -68,7 +68,7 @@ class Ensemble:
     @property
     def prior(self) -> np.ndarray:
         """Training prevalence of each target: the answer for a study that cannot be read."""
-        return np.asarray(self.result.info["prior"], dtype=np.float64)
+        return np.asarray(self.result.info.prior, dtype=np.float64)
 
     def _data(self, shards_dir: str | Path, uids: list[str], tables: dict) -> JobData:
         return JobData(shards_dir=str(shards_dir), uids=list(uids), folds={u: 0 for u in uids},

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from cspine_ray.io.errors import StudyError
 from cspine_ray.preprocess.config import PreprocessConfig
-from cspine_ray.preprocess.shards import SHARD_FORMAT
+from cspine_ray.preprocess.shards import SHARD_FORMAT, study_path
 from cspine_ray.preprocess.study import build_shard, source_fingerprint
 
 log = logging.getLogger(__name__)
@@ -44,11 +44,10 @@ def discover_studies(root: str | Path) -> list[dict]:
 
 def shard_study(item: dict, cfg: PreprocessConfig, work_dir: str) -> dict:
     """Shard one new study into work_dir/studies/<index>; never raises for bad input."""
-    studies = Path(work_dir) / "studies"
-    studies.mkdir(parents=True, exist_ok=True)
     # shards are named by position ("0.<index>", a plain dotted number), never by the
     # user-given folder name
-    final = studies / f"0.{int(item['index'])}"
+    final = study_path(work_dir, f"0.{int(item['index'])}")
+    final.parent.mkdir(parents=True, exist_ok=True)
     row = {**item, "shard": final.name, "status": "ok", "reason": "", "warnings": ""}
     try:
         if final.exists():

@@ -23,6 +23,7 @@ import mlflow.pyfunc
 import pandas as pd
 
 from cspine_ray import TARGETS
+from cspine_ray.preprocess.shards import study_path
 
 KEEP = ("result.json", "config.yaml")
 PREPROCESS = "preprocess.json"
@@ -97,7 +98,7 @@ def predict_sharded(ensemble, work_dir: str, rows: list[dict],
         out.append({"study_uid": r["study_uid"], **{t: float(values[t]) for t in TARGETS},
                     "status": r["status"], "reason": r["reason"], "warnings": r.get("warnings", "")})
         if report_dir and r["status"] == "ok":
-            write_report(Path(work_dir) / "studies" / r["shard"], r["study_uid"],
+            write_report(study_path(work_dir, r["shard"]), r["study_uid"],
                          values.to_numpy(dtype=float), tables.get(r["shard"]), Path(report_dir))
     return pd.DataFrame(out)
 

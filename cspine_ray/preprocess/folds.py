@@ -15,7 +15,7 @@ import pandas as pd
 
 from cspine_ray import VERTEBRAE
 
-# rarest first (DESIGN.md prevalences), so the rare positives are dealt most evenly
+# rarest first (docs/ARCHITECTURE.md, "Field facts": prevalences), so the rare positives are dealt most evenly
 _STRATA = ("has_segmentation", "patient_overall", "C3", "C4", "C1", "C5", "C6", "C2", "C7")
 
 

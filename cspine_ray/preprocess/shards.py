@@ -1,4 +1,4 @@
-"""One shard per study: a folder of memory-mappable .npy arrays plus meta.json.
+"""One shard per study: a folder of memory-mappable .npy arrays plus meta.json; the shard set.
 
     studies/<uid>/volume.npy  int16 (z, S, S) HU, canonical order (head -> feet)
     studies/<uid>/mask.npy    uint8 (z, S, S) vertebra labels      } only for studies
@@ -10,6 +10,10 @@ A shard is built in a hidden temporary folder and renamed into place only when c
 reader (or a resumed run) never sees a half-written one, even after SIGKILL. meta.json carries a
 checksum of the arrays, the settings hash and a fingerprint of the source files: a resumed run
 reuses a shard only when all three still match.
+
+A `ShardSet` is a finished shard folder as later steps see it: its manifest (read once), the
+manifest's hash (the data's identity in every result key) and `path(uid)`, the only way from a
+UID to a study's folder (the UID is checked so it cannot escape the folder).
 """
 
 from __future__ import annotations
@@ -23,7 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
+from cspine_ray.io.rsna import check_uid
+from cspine_ray.preprocess.manifest import manifest_hash, read_manifest, usable
+
+STUDIES = "studies"  # the folder of the shards inside a shard set
 SHARD_FORMAT = 3  # 2: Pillow resampling (values may differ from format 1 by 1 HU); 3: 5/3 halvings first
 ARRAYS = ("volume", "mask", "ratio", "box")
 META = "meta.json"
@@ -53,6 +62,41 @@ class Shard:
     def fracture_boxes(self) -> list[list[float]]:
         """[z, x0, y0, x1, y1] per box, coordinates normalised to [0, 1]."""
         return self.meta.get("fracture_boxes", [])
+
+
+def study_path(root: str | Path, uid: str) -> Path:
+    """ROOT/studies/<uid>; the uid is checked so it cannot escape the folder."""
+    return Path(root) / STUDIES / check_uid(uid)
+
+
+@dataclass(frozen=True, eq=False)
+class ShardSet:
+    """A preprocessed shard folder: read once by a driver, passed down to what it starts."""
+
+    root: Path
+    manifest: pd.DataFrame
+    hash: str
+
+    @classmethod
+    def open(cls, root: str | Path) -> ShardSet:
+        root = Path(root).resolve()
+        manifest = read_manifest(root)
+        return cls(root=root, manifest=manifest, hash=manifest_hash(manifest))
+
+    @classmethod
+    def of(cls, shards: ShardSet | str | Path) -> ShardSet:
+        """`shards` itself, or the shard set at that path."""
+        return shards if isinstance(shards, ShardSet) else cls.open(shards)
+
+    def path(self, uid: str) -> Path:
+        return study_path(self.root, uid)
+
+    def usable(self, split: str = "train") -> pd.DataFrame:
+        """The successfully sharded studies of one split."""
+        return usable(self.manifest, split)
+
+    def open_shard(self, uid: str, mmap: bool = True) -> Shard:
+        return open_shard(self.path(uid), mmap=mmap)
 
 
 def open_shard(path: str | Path, mmap: bool = True) -> Shard:

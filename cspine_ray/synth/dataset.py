@@ -36,7 +36,7 @@ from cspine_ray.synth.study import FractureBox, StudySpec, synth_study
 log = logging.getLogger(__name__)
 
 UID_ROOT = "1.2.826.0.1.3680043.10"
-# RSNA 2022 training labels (DESIGN.md section 2)
+# RSNA 2022 training labels (docs/ARCHITECTURE.md, "Field facts")
 PATIENT_PREVALENCE = 0.476
 VERTEBRA_PREVALENCE = {"C1": 0.072, "C2": 0.141, "C3": 0.036, "C4": 0.053, "C5": 0.080,
                        "C6": 0.137, "C7": 0.195}

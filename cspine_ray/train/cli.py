@@ -39,15 +39,20 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from cspine_ray.preprocess.shards import ShardSet
     from cspine_ray.runtime import init_ray
-    from cspine_ray.train.job import evaluate_result, train
+    from cspine_ray.train.job import train
+    from cspine_ray.train.result import evaluate_result
 
     cfg = config_from_args(args)
+    shards = ShardSet.open(args.shards)
     init_ray(address=args.address)
-    result = train(cfg, args.shards, args.storage, reuse=not args.no_reuse)
-    figures = evaluate_result(result, args.shards, cfg.effective_top_n)
-    print(f"{cfg.family}: CV metric {result.info['cv_metric']:.4f} at epoch {result.info['best_epoch']}"
-          f" (mean of {result.n_folds} folds); out-of-fold metric {figures['oof_metric']:.4f},"
+    result = train(cfg, shards, args.storage, reuse=not args.no_reuse)
+    figures = evaluate_result(result, shards, cfg.effective_top_n)
+    info = result.info
+    print(f"{cfg.family}: CV metric {info.cv_metric:.4f} at epoch {info.best_epoch} of "
+          f"{info.last['epoch']} (the epoch chosen on these same {result.n_folds} folds; the last "
+          f"epoch's: {info.last['cv_metric']:.4f}); out-of-fold metric {figures['oof_metric']:.4f},"
           f" mean AUC {figures['oof_auc_mean']:.3f}")
     print(json.dumps(figures, indent=1))
     print(f"result: {result.path}")

@@ -1,6 +1,6 @@
 """Training settings as plain data: one `TrainConfig` per job, loadable from YAML.
 
-Defaults follow the thesis (DESIGN.md section 4): AdamW lr 1e-4, wd 1e-5,
+Defaults follow the thesis (docs/ARCHITECTURE.md, "The families"): AdamW lr 1e-4, wd 1e-5,
 CosineAnnealingWarmRestarts(T_0=5, eta_min=1e-6), ConvNeXt-Tiny, stage 1 at 384 px for 15
 epochs, stage 2 with L=8 steps at 320 px for 20 epochs, threshold 0.3, top-N with N=7.
 """
@@ -11,13 +11,11 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
-from cspine_ray.config import digest, from_dict, set_dotted, to_dict
+from cspine_ray import N_VERTEBRAE
+from cspine_ray.config import digest, drop, from_dict, select, set_dotted, to_dict
 from cspine_ray.datasets.augment import AugmentConfig
-
-FAMILIES = ("cnn3d", "single_head", "multi_head", "two_stage")
-# the patient_overall rule each family uses unless top_n is set (thesis: max; product; N=7)
-DEFAULT_TOP_N = {"single_head": 1, "multi_head": 7, "two_stage": 7}
-SEQUENCE_HEADS = ("lstm", "gru", "transformer")
+from cspine_ray.models.sequence import SEQUENCE_HEADS
+from cspine_ray.train.families import LOCATOR_SECTIONS, UNKEYED, Family, family
 
 
 @dataclass
@@ -118,46 +116,52 @@ class TrainConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
     def __post_init__(self):
-        if self.family not in FAMILIES:
-            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
-        if self.top_n is not None and not 1 <= self.top_n <= 7:
-            raise ValueError(f"top_n must be in 1..7, got {self.top_n}")
+        family(self.family)  # refuses an unknown name, listing the families
+        if self.top_n is not None and not 1 <= self.top_n <= N_VERTEBRAE:
+            raise ValueError(f"top_n must be in 1..{N_VERTEBRAE}, got {self.top_n}")
+
+    @property
+    def spec(self) -> Family:
+        return family(self.family)
 
     @property
     def needs_stage1(self) -> bool:
-        return self.family != "cnn3d"
+        return self.spec.needs_stage1
 
     @property
     def effective_top_n(self) -> int | None:
-        """N of the patient rule; None for cnn3d, which predicts patient_overall itself."""
-        if self.family == "cnn3d":
+        """N of the patient rule; None for a family whose model predicts patient_overall
+        (a top_n set for it, e.g. by a search space shared with other families, is ignored)."""
+        if self.spec.top_n is None:
             return None
-        return self.top_n or DEFAULT_TOP_N[self.family]
+        return self.top_n or self.spec.top_n
+
+    def read_settings(self) -> dict[str, Any]:
+        """The settings this family's training reads (plus its patient rule N): what a trial
+        logs as parameters. The sections it does not read are left out."""
+        d = select(to_dict(self), self.spec.sections)
+        if self.effective_top_n is not None:
+            d["top_n"] = self.effective_top_n
+        return d
 
     def training_key(self, manifest_hash: str) -> str:
-        """Identity of what training produces: everything but N and the resources.
+        """Identity of what training produces: the settings it reads and its stage 1's key.
 
-        Two trials that differ only in top_n (or in how many GPUs they ran on) share one key,
-        so the second reuses the first one's fold models and out-of-fold predictions.
+        N and the resources are not part of it: two trials that differ only in top_n (or in
+        how many GPUs they ran on) share one key, so the second reuses the first one's fold
+        models and out-of-fold predictions.
         """
-        d = to_dict(self)
-        for k in ("top_n", "resources"):
-            d.pop(k)
-        if self.family != "two_stage":
-            d.pop("sequence")
-        if not self.needs_stage1:
-            d.pop("stage1")
-        if self.family == "cnn3d":  # no timm backbone in the 3D CNN
-            for k in ("backbone", "pretrained"):
-                d.pop(k)
+        d = drop(select(to_dict(self), self.spec.sections), UNKEYED)
+        d.pop("stage1", None)  # stands in the stage-1 key, with all the locator reads
+        if self.needs_stage1:
+            d["stage1_key"] = self.stage1_key(manifest_hash)
         d["manifest"] = manifest_hash
         return digest(d)
 
     def stage1_key(self, manifest_hash: str) -> str:
-        """Identity of the stage-1 result: the locator's settings and the data only."""
-        d = {"stage1": to_dict(self.stage1), "windows": to_dict(self.input)["windows"],
-             "neighbour_offset": self.input.neighbour_offset, "augment": to_dict(self.augment),
-             "pretrained": self.pretrained, "seed": self.seed, "manifest": manifest_hash}
+        """Identity of the stage-1 result: what the locator reads and the data only."""
+        d = drop(select(to_dict(self), LOCATOR_SECTIONS), UNKEYED)
+        d["manifest"] = manifest_hash
         return digest(d)
 
 

@@ -6,22 +6,18 @@ Storage layout (a local folder, or shared storage such as EFS/NFS mounted on eve
     <storage>/stage1/<key>/              a finished stage-1 (locator) result, reused by key
     <storage>/results/<family>-<key>/    a finished training result, reused by key
 
-An exported result folder holds `result.json` (settings, history, best epoch, model spec),
-`config.yaml`, `fold_<k>.pt` (best-epoch weights, loadable with weights_only=True),
-`oof.parquet` (each training study exactly once, predicted by the fold model that did not see
-it) and, for stage 1, `slice_tables.npz`.
+What a result folder holds is described in `cspine_ray.train.result`; how the keys are made,
+in docs/ARCHITECTURE.md ("Keys").
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,81 +25,17 @@ import pandas as pd
 import torch
 import yaml
 
-from cspine_ray import TARGETS
-from cspine_ray.config import from_dict, to_dict
-from cspine_ray.metric import evaluate
-from cspine_ray.preprocess.manifest import manifest_hash, read_manifest
+from cspine_ray.config import to_dict
+from cspine_ray.preprocess.shards import ShardSet
 from cspine_ray.train.config import TrainConfig
-from cspine_ray.train.loop import fold_file, summarize_folds, torch_load, train_loop_per_worker
+from cspine_ray.train.loop import JobSpec, fold_file, train_loop_per_worker
 from cspine_ray.train.placement import Cluster, FoldLayout, current_cluster, fold_layout
+from cspine_ray.train.result import (RESULT, ModelSpec, ResultInfo, TrainResult, load_result,
+                                     torch_load, write_info)
 from cspine_ray.train.tasks import JobData, make_task
-from cspine_ray.train.tasks.base import (SLICE_TABLES, save_slice_tables, score_predictions,
-                                        to_targets)
+from cspine_ray.train.tasks.base import SLICE_TABLES, save_slice_tables
 
 log = logging.getLogger(__name__)
-
-RESULT = "result.json"
-
-
-@dataclass
-class TrainResult:
-    """A finished training job, as exported."""
-
-    path: Path
-    info: dict
-    config: TrainConfig
-    reused: bool = False  # True when an earlier job's result served this request
-
-    @property
-    def family(self) -> str:
-        return self.info["task"]
-
-    @property
-    def n_folds(self) -> int:
-        return self.info["n_folds"]
-
-    def oof(self) -> pd.DataFrame:
-        """Raw out-of-fold study predictions: study_uid, fold, C1..C7 (+ patient_model)."""
-        return pd.read_parquet(self.path / "oof.parquet")
-
-    def fold_weights(self, fold: int) -> dict:
-        """Best-epoch state dict of one fold model."""
-        return torch_load(self.path / f"fold_{fold}.pt")["model"]
-
-
-def load_result(path: str | Path) -> TrainResult:
-    path = Path(path)
-    info = json.loads((path / RESULT).read_text())
-    return TrainResult(path=path, info=info, config=from_dict(TrainConfig, info["config"]))
-
-
-def evaluate_result(result: TrainResult, shards_dir: str | Path, top_n: int | None) -> dict[str, float]:
-    """A result's figures under the top-N rule, from its out-of-fold predictions.
-
-    cv_<name> and fold_<k>_<name> are per-fold figures and their mean (as during training);
-    oof_<name> pools all studies (the competition metric, its global variant, the AUCs).
-    """
-    data = JobData.load(shards_dir)
-    oof = result.oof().set_index("study_uid")
-    per_fold = {int(k): score_predictions(part.drop(columns="fold"), data, top_n)
-                for k, part in oof.groupby("fold")}
-    preds = to_targets(oof, top_n)
-    return {**summarize_folds(per_fold),
-            **{f"oof_{k}": v for k, v in evaluate(data.label_frame(preds.index), preds).items()}}
-
-
-def evaluate_prior(shards_dir: str | Path) -> dict[str, float]:
-    """The out-of-fold figures of the constant-prior baseline every model must beat.
-
-    Each study is predicted with the prevalence of every target among the studies of the
-    OTHER folds (as the fold model that did not see it would be), so no label leaks in.
-    """
-    data = JobData.load(shards_dir)
-    fold_prior = {f: data.prior(data.split(f)[0]) for f in set(data.folds.values())}
-    preds = pd.DataFrame([fold_prior[data.folds[u]] for u in data.uids], index=data.uids,
-                         columns=list(TARGETS))
-    figures = evaluate(data.label_frame(data.uids), preds.astype(np.float64))
-    return {f"oof_{k}": v for k, v in figures.items()}
 
 
 @contextlib.contextmanager
@@ -118,13 +50,12 @@ def _lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _fit(task_name: str, cfg: TrainConfig, shards_dir: Path, storage: Path, run_name: str,
-         n_folds: int, stage1_dir: Path | None, callbacks: list,
-         cluster: Cluster | None) -> "ray.train.Result":
+def _fit(task_name: str, cfg: TrainConfig, data: JobData, storage: Path, run_name: str,
+         stage1_dir: Path | None, callbacks: list, cluster: Cluster | None) -> "ray.train.Result":
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    layout = job_layout(cfg, n_folds, cluster)
+    layout = job_layout(cfg, data.n_folds, cluster)
     local_mode = layout.num_workers == 0
     log.info("%s: %s", run_name, layout.describe())
     scaling = ray.train.ScalingConfig(
@@ -135,14 +66,14 @@ def _fit(task_name: str, cfg: TrainConfig, shards_dir: Path, storage: Path, run_
     res = cfg.resources
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": to_dict(cfg), "job": {
-            "task": task_name, "shards_dir": str(shards_dir),
-            "stage1_dir": str(stage1_dir) if stage1_dir else None,
-            "local_mode": local_mode, "threads": max(1, int(res.cpus_per_worker)),
+        train_loop_config={"job": JobSpec(
+            task=task_name, config=cfg, data=data,
+            stage1_dir=str(stage1_dir) if stage1_dir else None,
+            local_mode=local_mode, threads=max(1, int(res.cpus_per_worker)),
             # local_mode: the checkpoint folder is kept as it is, so it must be on storage;
             # workers stage theirs on local disk and Ray uploads them once
-            "scratch": str(storage / "scratch") if local_mode else None,
-        }},
+            scratch=str(storage / "scratch") if local_mode else None,
+        )},
         # folds never all-reduce gradients: gloo needs no NCCL (nor CUDA behind a Ray GPU)
         torch_config=TorchConfig(backend="gloo"),
         scaling_config=scaling,
@@ -177,7 +108,7 @@ def job_layout(cfg: TrainConfig, n_folds: int, cluster: Cluster | None = None) -
     return fold_layout(n_folds, cluster, res.cpus_per_worker, res.gpus, res.num_workers)
 
 
-def _export(task_name: str, cfg: TrainConfig, checkpoint, out: Path, n_folds: int, info: dict) -> None:
+def _export(checkpoint, out: Path, info: ResultInfo) -> None:
     """Copy the best-epoch fold weights and OOF predictions out of a checkpoint, atomically."""
     tmp = out.with_name(f".tmp-{out.name}.{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
@@ -185,7 +116,7 @@ def _export(task_name: str, cfg: TrainConfig, checkpoint, out: Path, n_folds: in
         with checkpoint.as_directory() as folder:
             folder = Path(folder)
             oofs, tables = [], {}
-            for k in range(n_folds):
+            for k in range(info.n_folds):
                 best = torch_load(folder / fold_file(k, "best.pt"))
                 torch.save({"model": best["model"], "epoch": best["epoch"]}, tmp / f"fold_{k}.pt")
                 oofs.append(pd.read_parquet(folder / fold_file(k, "oof.parquet")))
@@ -198,12 +129,12 @@ def _export(task_name: str, cfg: TrainConfig, checkpoint, out: Path, n_folds: in
         oof.to_parquet(tmp / "oof.parquet", index=False)
         if tables:
             save_slice_tables(tables, tmp / SLICE_TABLES)
-        best = next(h for h in history if h["epoch"] == history[-1]["best_epoch"])
-        (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        info = dict(info, task=task_name, n_folds=n_folds, history=history, best=best,
-                    best_epoch=best["epoch"], cv_metric=best["cv_metric"], config=to_dict(cfg),
-                    created=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        (tmp / RESULT).write_text(json.dumps(info, indent=1, default=float))
+        info.history = history
+        info.best_epoch = history[-1]["best_epoch"]
+        info.cv_metric = info.best["cv_metric"]
+        info.created = time.strftime("%Y-%m-%dT%H:%M:%S")
+        (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(info.config), sort_keys=False))
+        write_info(info, tmp / RESULT)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -220,13 +151,13 @@ def result_folder(storage: str | Path, task_name: str, key: str) -> Path:
     return storage / "results" / f"{task_name}-{key}"
 
 
-def run_task(task_name: str, cfg: TrainConfig, shards_dir: str | Path, storage: str | Path,
+def run_task(task_name: str, cfg: TrainConfig, shards: ShardSet | str | Path, storage: str | Path,
              key: str, stage1_dir: Path | None = None, callbacks: list | None = None,
              reuse: bool = True, cluster: Cluster | None = None) -> TrainResult:
     """Train `task_name` on every fold (or reuse the finished result stored under `key`).
 
     `cluster` is what the fold workers are fitted to (default: the connected cluster)."""
-    shards_dir, storage = Path(shards_dir).resolve(), Path(storage).resolve()
+    shards, storage = ShardSet.of(shards), Path(storage).resolve()
     out = result_folder(storage, task_name, key)
     run_name = f"{task_name}-{key}"
     with _lock(storage / "locks" / f"{out.name}.lock"):
@@ -237,9 +168,9 @@ def run_task(task_name: str, cfg: TrainConfig, shards_dir: str | Path, storage: 
             result = load_result(out)
             result.reused = True
             return result
-        data = JobData.load(shards_dir, stage1_dir)
+        data = JobData.load(shards)
         if data.n_folds < 2:
-            raise ValueError(f"{shards_dir}: training needs at least 2 folds of usable studies")
+            raise ValueError(f"{shards.root}: training needs at least 2 folds of usable studies")
         task = make_task(task_name, cfg, data)
         for fold in range(data.n_folds):  # fail here, not in every worker after Ray retries
             if not task.split(fold)[0]:
@@ -248,31 +179,36 @@ def run_task(task_name: str, cfg: TrainConfig, shards_dir: str | Path, storage: 
                                     if task_name == "locator" else ""))
         model_name, model_kwargs = task.model_spec()
         log.info("%s: training %d folds (key %s)", task_name, data.n_folds, key)
-        result = _fit(task_name, cfg, shards_dir, storage, run_name, data.n_folds,
-                      stage1_dir, callbacks or [], cluster)
-        info = {"key": key, "manifest_hash": manifest_hash(read_manifest(shards_dir)),
-                "prior": data.prior(data.uids).tolist(),  # the fallback for unreadable studies
-                "shards_dir": str(shards_dir), "model": {"name": model_name, "kwargs": model_kwargs},
-                "stage1_dir": str(stage1_dir) if stage1_dir else None}
-        _export(task_name, cfg, result.checkpoint, out, data.n_folds, info)
+        result = _fit(task_name, cfg, data, storage, run_name, stage1_dir, callbacks or [], cluster)
+        info = ResultInfo(
+            task=task_name, key=key, config=cfg, n_folds=data.n_folds, manifest_hash=shards.hash,
+            shards_dir=str(shards.root), stage1_dir=str(stage1_dir) if stage1_dir else None,
+            model=ModelSpec(model_name, model_kwargs),
+            prior=data.prior(data.uids).tolist(),  # the fallback for unreadable studies
+            history=[], best_epoch=0, cv_metric=float("nan"), created="")  # filled by _export
+        _export(result.checkpoint, out, info)
         return load_result(out)
 
 
-def ensure_stage1(cfg: TrainConfig, shards_dir: str | Path, storage: str | Path,
+def ensure_stage1(cfg: TrainConfig, shards: ShardSet | str | Path, storage: str | Path,
                   reuse: bool = True, cluster: Cluster | None = None) -> TrainResult:
     """The stage-1 locator result for these settings and data: reused when it exists."""
-    mhash = manifest_hash(read_manifest(shards_dir))
-    return run_task("locator", cfg, shards_dir, storage, cfg.stage1_key(mhash), reuse=reuse,
+    shards = ShardSet.of(shards)
+    return run_task("locator", cfg, shards, storage, cfg.stage1_key(shards.hash), reuse=reuse,
                     cluster=cluster)
 
 
-def train(cfg: TrainConfig, shards_dir: str | Path, storage: str | Path,
-          callbacks: list | None = None, reuse: bool = True) -> TrainResult:
+def train(cfg: TrainConfig, shards: ShardSet | str | Path, storage: str | Path,
+          callbacks: list | None = None, reuse: bool = True,
+          cluster: Cluster | None = None) -> TrainResult:
     """Train a family end to end (its stage 1 first when it needs one); returns the result.
 
-    reuse=False trains both stages again from scratch, replacing the stored results.
+    reuse=False trains both stages again from scratch, replacing the stored results. Per-epoch
+    `callbacks` (e.g. Tune's report callback) see only the family's own training: a reused
+    result starts no Ray Train run, so they see nothing then.
     """
-    stage1 = ensure_stage1(cfg, shards_dir, storage, reuse) if cfg.needs_stage1 else None
-    key = cfg.training_key(manifest_hash(read_manifest(shards_dir)))
-    return run_task(cfg.family, cfg, shards_dir, storage, key,
-                    stage1_dir=stage1.path if stage1 else None, callbacks=callbacks, reuse=reuse)
+    shards = ShardSet.of(shards)
+    stage1 = ensure_stage1(cfg, shards, storage, reuse, cluster) if cfg.needs_stage1 else None
+    return run_task(cfg.family, cfg, shards, storage, cfg.training_key(shards.hash),
+                    stage1_dir=stage1.path if stage1 else None, callbacks=callbacks, reuse=reuse,
+                    cluster=cluster)

@@ -19,27 +19,37 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from cspine_ray.config import from_dict
 from cspine_ray.train.config import TrainConfig
+from cspine_ray.train.result import summarize_folds, torch_load
 from cspine_ray.train.tasks import JobData, Task, make_task
 from cspine_ray.train.tasks.base import autocast, to_device
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class JobSpec:
+    """What every worker of a job is told: the task, its settings and its studies."""
+
+    task: str                     # a family name or "locator"
+    config: TrainConfig
+    data: JobData                 # the training studies, labels and folds (no slice tables)
+    stage1_dir: str | None        # the stage-1 result whose slice tables the task reads
+    local_mode: bool              # every fold in the driver's process (num_workers=0)
+    threads: int                  # torch threads per worker
+    scratch: str | None           # local mode: where checkpoints are written (on storage)
+
+
 def fold_file(fold: int, kind: str) -> str:
     """Checkpoint file names: fold_<k>.state.pt, .best.pt, .oof.parquet, .tables.npz."""
     return f"fold_{fold}.{kind}"
-
-
-def torch_load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 class FoldRun:
@@ -189,17 +199,18 @@ class _Exchange:
         return merged
 
 
-def summarize_folds(per_fold: dict[int, dict]) -> dict[str, float]:
-    """Each fold figure's CV mean (cv_<name>, NaN folds skipped) and every fold's own value."""
-    keys = sorted({k for m in per_fold.values() for k in m})
-    out = {}
-    for key in keys:
-        values = [per_fold[f].get(key, math.nan) for f in sorted(per_fold)]
-        finite = [v for v in values if v == v]
-        out[f"cv_{key}"] = float(np.mean(finite)) if finite else math.nan
-        for f in sorted(per_fold):
-            out[f"fold_{f}_{key}"] = float(per_fold[f].get(key, math.nan))
-    return out
+def cv_metric(per_fold: dict[int, dict]) -> float:
+    """The epoch's CV metric: the mean over the folds that have one (a fold without validation
+    studies, or without a finite figure, is left out); NaN when none has."""
+    values = [m["metric"] for m in per_fold.values() if math.isfinite(m["metric"])]
+    return float(np.mean(values)) if values else math.nan
+
+
+def improves(cv: float, best_cv: float, best_epoch: int) -> bool:
+    """Whether this epoch becomes the best: the first epoch at all, a lower CV metric, or the
+    first finite one after NaN. A run whose CV is NaN throughout keeps epoch 1; a NaN epoch
+    never replaces a real one."""
+    return best_epoch < 0 or cv < best_cv or (math.isnan(best_cv) and math.isfinite(cv))
 
 
 def epoch_report(epoch: int, per_fold: dict[int, dict], best_cv: float, best_epoch: int) -> dict:
@@ -211,15 +222,14 @@ def epoch_report(epoch: int, per_fold: dict[int, dict], best_cv: float, best_epo
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point. config = {"train": TrainConfig as dict, "job": {...}}."""
+    """Ray Train entry point. config = {"job": JobSpec}."""
     import ray.train
 
-    torch.set_num_threads(max(1, int(config["job"].get("threads", 1))))
+    job: JobSpec = config["job"]
+    torch.set_num_threads(max(1, job.threads))
     _quiet_ray_train_reports()
-    cfg = from_dict(TrainConfig, config["train"])
-    job = config["job"]
-    data = JobData.load(job["shards_dir"], job.get("stage1_dir"))
-    task = make_task(job["task"], cfg, data)
+    data = job.data.with_slice_tables(job.stage1_dir) if job.stage1_dir else job.data
+    task = make_task(job.task, job.config, data)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = _device()
@@ -245,9 +255,8 @@ def train_loop_per_worker(config: dict) -> None:
             figures.update(run.validate() if run.val_uids else {"metric": math.nan})
             local[k] = figures
         per_fold = exchange.gather(local)
-        cv = float(np.nanmean([m["metric"] for m in per_fold.values()])) \
-            if any(m["metric"] == m["metric"] for m in per_fold.values()) else math.nan
-        improved = cv < best_cv or best_epoch < 0  # a NaN CV (no validation) keeps epoch 1
+        cv = cv_metric(per_fold)
+        improved = improves(cv, best_cv, best_epoch)
         if improved:
             best_cv, best_epoch = cv, epoch
         for run in runs.values():
@@ -255,14 +264,14 @@ def train_loop_per_worker(config: dict) -> None:
         report = epoch_report(epoch, per_fold, best_cv, best_epoch)
         history.append(report)
 
-        folder = Path(tempfile.mkdtemp(prefix="cspine-ckpt-", dir=job.get("scratch")))
+        folder = Path(tempfile.mkdtemp(prefix="cspine-ckpt-", dir=job.scratch))
         last = epoch == epochs - 1
         for k, run in runs.items():
             extras = task.final_outputs(run.best_model(), k, device) if last else None
             run.save(folder, {"epoch": epoch, "best_epoch": best_epoch, "best_cv": best_cv,
                               "history": history}, extras or None)
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
-        if job.get("local_mode"):  # the checkpoint is this folder itself: keep the latest
+        if job.local_mode:  # the checkpoint is this folder itself: keep the latest
             if previous is not None:
                 shutil.rmtree(previous, ignore_errors=True)
             previous = folder

@@ -1,31 +1,34 @@
-"""Losses weighted the way the competition metric weights its rows."""
+"""Losses weighted the way the competition metric weights its rows (`metric.WEIGHTS`)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from cspine_ray.metric import WEIGHTS
 from cspine_ray import TARGETS
+from cspine_ray.metric import WEIGHTS
 
 VERTEBRA_NEG, VERTEBRA_POS = WEIGHTS["C1"]          # 1, 2
-PATIENT_NEG, PATIENT_POS = WEIGHTS["patient_overall"]  # 7, 14
+
+
+def _weighted_terms(logits: torch.Tensor, targets: torch.Tensor, neg, pos):
+    """(w * bce, w) elementwise, in float32: the weight is `pos` on a positive target, else `neg`."""
+    targets = targets.float()
+    w = torch.where(targets > 0.5, pos, neg)
+    bce = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none")
+    return w * bce, w
 
 
 def weighted_bce(logits: torch.Tensor, targets: torch.Tensor, neg: float = VERTEBRA_NEG,
                  pos: float = VERTEBRA_POS) -> torch.Tensor:
     """Mean BCE with weight `pos` on positive and `neg` on negative targets (normalised)."""
-    targets = targets.to(logits.dtype)
-    w = torch.where(targets > 0.5, pos, neg).to(logits.dtype)
-    bce = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
-    return (w * bce).sum() / w.sum()
+    wbce, w = _weighted_terms(logits, targets, neg, pos)
+    return wbce.sum() / w.sum()
 
 
 def study_metric_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """(B, 8) logits for C1..C7 + patient_overall: the metric itself, per study then averaged."""
     neg = torch.tensor([WEIGHTS[t][0] for t in TARGETS], device=logits.device)
     pos = torch.tensor([WEIGHTS[t][1] for t in TARGETS], device=logits.device)
-    targets = targets.float()
-    w = torch.where(targets > 0.5, pos, neg)
-    bce = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none")
-    return ((w * bce).sum(1) / w.sum(1)).mean()
+    wbce, w = _weighted_terms(logits, targets, neg, pos)
+    return (wbce.sum(1) / w.sum(1)).mean()

@@ -90,17 +90,17 @@ def run_search(opts: SearchOptions):
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from cspine_ray.preprocess.manifest import read_manifest, usable
+    from cspine_ray.preprocess.shards import ShardSet
     from cspine_ray.train.job import job_layout
 
     space = opts.space
     storage = opts.storage.resolve()
-    manifest = usable(read_manifest(opts.shards_dir))
-    n_folds = int(manifest["fold"].max()) + 1
+    shards = ShardSet.open(opts.shards_dir)
+    n_folds = int(shards.usable()["fold"].max()) + 1
     name = search_name(opts)
     path = storage / "tune" / name
     cluster = current_cluster()
-    setup = TrialSetup(base=space.base, shards_dir=str(opts.shards_dir.resolve()),
+    setup = TrialSetup(base=space.base, shards=shards,
                        storage=str(storage), gpus_per_trial=opts.gpus_per_trial,
                        cpus_per_worker=opts.cpus_per_worker, pretrained=opts.pretrained,
                        overrides=dict(opts.overrides or {}), cluster=cluster)
@@ -131,10 +131,10 @@ def run_search(opts: SearchOptions):
                                   reduction_factor=asha.reduction_factor) if asha else None
         tracker = MlflowTracker(
             tracking_uri=opts.tracking_uri, experiment=opts.experiment, search_id=name,
-            space_file=str(opts.space_file), shards_dir=str(opts.shards_dir.resolve()),
+            space_file=str(opts.space_file), shards=shards,
             artifact_root=str(storage / "mlartifacts") if opts.tracking_uri.startswith("sqlite") else None,
             search_params={"space": space.name, "trials": trials, "seed": opts.seed,
-                           "shards_dir": str(opts.shards_dir.resolve()), "folds": n_folds,
+                           "shards_dir": str(shards.root), "folds": n_folds,
                            "gpus_per_trial": opts.gpus_per_trial,
                            "trial_layout": layout.describe(), "trials_at_once": at_once},
         )

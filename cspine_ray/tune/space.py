@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from cspine_ray.config import ConfigError, from_dict, load_yaml
-from cspine_ray.train.config import FAMILIES, TrainConfig, build_config
+from cspine_ray.train.config import TrainConfig, build_config
+from cspine_ray.train.families import FAMILY_NAMES
 
 PARAM_TYPES = ("categorical", "int", "float", "log_float")
 TOP_LEVEL = ("description", "base", "params", "conditional", "budget", "demo")
@@ -129,8 +130,8 @@ def validate(space: SearchSpace, source: str) -> None:
     for key, spec in space.params.items():
         _check_param(f"{source}: params.{key}", spec)
     for family, params in space.conditional.items():
-        if family not in FAMILIES:
-            raise ConfigError(f"{source}: conditional.{family}: not a family ({', '.join(FAMILIES)})")
+        if family not in FAMILY_NAMES:
+            raise ConfigError(f"{source}: conditional.{family}: not a family ({', '.join(FAMILY_NAMES)})")
         if not isinstance(params, dict):
             raise ConfigError(f"{source}: conditional.{family} must be a mapping of parameters")
         for key, spec in params.items():
@@ -138,8 +139,8 @@ def validate(space: SearchSpace, source: str) -> None:
             if key == "family":
                 raise ConfigError(f"{source}: conditional.{family}.family: family cannot be conditional")
     for family in space.families():
-        if family not in FAMILIES:
-            raise ConfigError(f"{source}: family {family!r} is not one of {', '.join(FAMILIES)}")
+        if family not in FAMILY_NAMES:
+            raise ConfigError(f"{source}: family {family!r} is not one of {', '.join(FAMILY_NAMES)}")
         params = space.fixed_and_sampled(family)
         for key, spec in params.items():  # each parameter alone, so the blame is precise
             for value in _extremes(spec):
@@ -248,9 +249,9 @@ def trial_values(config: dict[str, Any]) -> dict[str, Any]:
     """
     values = {}
     for key, value in config.items():
-        if key in FAMILIES and isinstance(value, dict):
+        if key in FAMILY_NAMES and isinstance(value, dict):
             values.update({k: decode_choice(v) for k, v in value.items()})
-        elif "/" in key and key.split("/", 1)[0] in FAMILIES:
+        elif "/" in key and key.split("/", 1)[0] in FAMILY_NAMES:
             values[key.split("/", 1)[1]] = decode_choice(value)
         else:
             values[key] = decode_choice(value)

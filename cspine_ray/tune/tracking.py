@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 _EPOCH_METRICS = re.compile(r"^(cv_(metric|auc_mean|auc_patient_overall|val_loss|train_loss|"
                             r"data_wait_fraction|samples_per_second|global_metric)|"
                             r"fold_\d+_(metric|auc_mean)|best_cv_metric)$")
-_FINAL_METRICS = re.compile(r"^(oof_.*|trial_seconds)$")
+_FINAL_METRICS = re.compile(r"^(oof_.*|trial_seconds|last_epoch_cv_metric)$")
 
 
 @functools.cache
@@ -69,17 +69,16 @@ def numeric_metrics(result: dict) -> dict[str, float]:
     return keep
 
 
-def trial_artifacts(result, shards_dir: str, top_n: int | None, out: Path,
-                    n_views: int = 3) -> None:
-    """Write a finished trial's artifacts (its TrainResult's predictions, figures, config) into `out`."""
+def trial_artifacts(result, shards, top_n: int | None, out: Path, n_views: int = 3) -> None:
+    """Write a finished trial's artifacts (its TrainResult's predictions, figures, config) into
+    `out`; `shards` is the search's ShardSet."""
     import pandas as pd
 
     from cspine_ray.figures import calibration_figure, roc_figure, sagittal_figure, save
-    from cspine_ray.preprocess.shards import open_shard
     from cspine_ray.train.tasks import JobData
     from cspine_ray.train.tasks.base import SLICE_TABLES, load_slice_tables, to_targets
 
-    data = JobData.load(shards_dir)
+    data = JobData.load(shards)
     oof = result.oof().set_index("study_uid")
     preds = to_targets(oof, top_n)
     labels = np.stack([data.labels[u] for u in preds.index])
@@ -88,11 +87,11 @@ def trial_artifacts(result, shards_dir: str, top_n: int | None, out: Path,
     save(roc_figure(labels, preds.to_numpy()), out / "roc.png")
     save(calibration_figure(labels, preds.to_numpy()), out / "calibration.png")
     (out / "config.yaml").write_text((result.path / "config.yaml").read_text())
-    (out / "history.json").write_text(json.dumps(result.info["history"], indent=1, default=float))
+    (out / "history.json").write_text(json.dumps(result.info.history, indent=1, default=float))
 
     tables = {}
-    if result.info.get("stage1_dir"):
-        tables = load_slice_tables(Path(result.info["stage1_dir"]) / SLICE_TABLES)
+    if result.info.stage1_dir:
+        tables = load_slice_tables(Path(result.info.stage1_dir) / SLICE_TABLES)
     # a caught fracture, a missed one and a confident negative: what reviewers ask to see
     p, y = preds["patient_overall"], pd.Series(labels[:, -1], index=preds.index)
     picks = []
@@ -104,7 +103,7 @@ def trial_artifacts(result, shards_dir: str, top_n: int | None, out: Path,
     views = out / "sagittal"
     views.mkdir()
     for i, uid in enumerate(picks[:n_views]):
-        shard = open_shard(Path(shards_dir) / "studies" / uid)
+        shard = shards.open_shard(uid)
         truth = data.labels[uid]
         fig = sagittal_figure(shard.volume, shard.spacing, preds.loc[uid].to_numpy(),
                               tables.get(uid), truth,
@@ -117,12 +116,12 @@ class MlflowTracker(Callback):
     """Tune callback; holds only plain settings so Tune can pickle it with the experiment."""
 
     def __init__(self, tracking_uri: str, experiment: str, search_id: str, space_file: str,
-                 shards_dir: str, artifact_root: str | None, search_params: dict[str, Any]):
+                 shards, artifact_root: str | None, search_params: dict[str, Any]):
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.search_id = search_id
         self.space_file = space_file
-        self.shards_dir = shards_dir
+        self.shards = shards  # the search's ShardSet
         self.artifact_root = artifact_root
         self.search_params = search_params
         self._client = None
@@ -195,15 +194,14 @@ class MlflowTracker(Callback):
         from mlflow.entities import DatasetInput, InputTag
 
         from cspine_ray import TARGETS
-        from cspine_ray.preprocess.manifest import read_manifest
 
         if self._dataset is None or self._dataset[0] != manifest_hash:  # once per search
-            manifest = read_manifest(self.shards_dir)
             columns = ["split", "status", "fold", "has_segmentation", "n_slices", *TARGETS]
             with warnings.catch_warnings():  # a hint about serving schemas, not about datasets
                 warnings.filterwarnings("ignore", message=".*integer column")
-                dataset = mlflow.data.from_pandas(manifest[columns], source=self.shards_dir,
-                                                  name=f"shards:{Path(self.shards_dir).name}",
+                dataset = mlflow.data.from_pandas(self.shards.manifest[columns],
+                                                  source=str(self.shards.root),
+                                                  name=f"shards:{self.shards.root.name}",
                                                   digest=manifest_hash)
             self._dataset = (manifest_hash, dataset._to_mlflow_entity())
         return DatasetInput(self._dataset[1], tags=[InputTag("mlflow.data.context", "training")])
@@ -232,26 +230,28 @@ class MlflowTracker(Callback):
         result = trial.last_result or {}
         client = self.client
         if result.get("final"):
-            from cspine_ray.train.job import load_result
+            from cspine_ray.train.result import load_result
 
             trained = load_result(result["result_dir"])
-            top_n = result.get("top_n", -1)
-            top_n = int(top_n) if top_n is not None and top_n > 0 else None
-            flat = _flatten(relevant_config(trained.config, top_n))
+            top_n = result.get("top_n")  # the trial's own N; its result may come from another N
+            settings = trained.config.read_settings()
+            if top_n is not None:
+                settings["top_n"] = int(top_n)
+            flat = _flatten(settings)
             logged = set(client.get_run(run_id).data.params)
             for k, v in flat.items():
                 if k not in logged:
                     client.log_param(run_id, k, str(v)[:6000])
             for k in ("result_dir", "stage1_dir", "training_key", "reused"):
                 client.set_tag(run_id, k, str(result.get(k, "")))
-            client.set_tag(run_id, "manifest_hash", trained.info["manifest_hash"])
-            client.log_inputs(run_id, datasets=[self.dataset_input(trained.info["manifest_hash"])])
+            client.set_tag(run_id, "manifest_hash", trained.info.manifest_hash)
+            client.log_inputs(run_id, datasets=[self.dataset_input(trained.info.manifest_hash)])
             client.set_tag(run_id, "family", trained.config.family)
-            client.set_tag(run_id, "backbone", "" if trained.config.family == "cnn3d"
-                           else trained.config.backbone)
+            client.set_tag(run_id, "backbone", trained.config.backbone
+                           if trained.config.spec.uses_backbone else "")
             with tempfile.TemporaryDirectory() as tmp:
                 try:
-                    trial_artifacts(trained, self.shards_dir, top_n, Path(tmp))
+                    trial_artifacts(trained, self.shards, top_n, Path(tmp))
                     client.log_artifacts(run_id, tmp)
                 except Exception:  # figures must never lose a finished trial's run
                     log.exception("trial %s: could not write artifacts", trial.trial_id)
@@ -278,24 +278,6 @@ class MlflowTracker(Callback):
                     self.client.log_metric(parent, f"best_{k}", float(value))
         self.client.set_tag(parent, "trials_finished", str(len(finished)))
         self.client.set_terminated(parent, "FINISHED" if finished else "FAILED")
-
-
-def relevant_config(cfg, top_n: int | None) -> dict[str, Any]:
-    """A trial's resolved settings without the sections its family does not use."""
-    from cspine_ray.config import to_dict
-
-    d = to_dict(cfg)
-    d.pop("resources")
-    if cfg.family != "two_stage":
-        d.pop("sequence")
-    if not cfg.needs_stage1:
-        d.pop("stage1")
-    if cfg.family == "cnn3d":
-        for k in ("backbone", "pretrained", "top_n"):
-            d.pop(k)
-    else:
-        d["top_n"] = top_n or cfg.effective_top_n
-    return d
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from cspine_ray.preprocess.shards import ShardSet
 from cspine_ray.train.config import build_config
 from cspine_ray.train.placement import Cluster
 from cspine_ray.tune.space import trial_values
@@ -25,7 +26,7 @@ class TrialSetup:
     """What every trial of a search shares (passed with tune.with_parameters)."""
 
     base: dict[str, Any]
-    shards_dir: str
+    shards: ShardSet                # read once by the driver
     storage: str
     gpus_per_trial: float = 0.0
     cpus_per_worker: float = 1.0
@@ -49,31 +50,28 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cspine_ray.preprocess.manifest import manifest_hash, read_manifest
-    from cspine_ray.train.job import ensure_stage1, evaluate_result, run_task
+    from cspine_ray.train.job import train
+    from cspine_ray.train.result import evaluate_result
 
     start = time.time()
     cfg = trial_config(config, setup)
-    stage1 = (ensure_stage1(cfg, setup.shards_dir, setup.storage, cluster=setup.cluster)
-              if cfg.needs_stage1 else None)
-    key = cfg.training_key(manifest_hash(read_manifest(setup.shards_dir)))
-    # per-epoch reports come only from a trial that really trains: run_task never starts
-    # Ray Train (nor its callbacks) when it reuses a finished result
-    result = run_task(cfg.family, cfg, setup.shards_dir, setup.storage, key,
-                      stage1_dir=stage1.path if stage1 else None, callbacks=[TuneReportCallback()],
-                      cluster=setup.cluster)
-    figures = evaluate_result(result, setup.shards_dir, cfg.effective_top_n)
+    # per-epoch reports come only from a trial that really trains: a reused result starts no
+    # Ray Train run (nor its callbacks)
+    result = train(cfg, setup.shards, setup.storage, callbacks=[TuneReportCallback()],
+                   cluster=setup.cluster)
+    figures = evaluate_result(result, setup.shards, cfg.effective_top_n)
     ray.tune.report({
         "cv_metric": figures["cv_metric"],          # first: the keys progress tables show
         "oof_auc_mean": figures["oof_auc_mean"],
         "reused": result.reused,
         **figures,
-        "epoch": result.info["best_epoch"],
-        "best_epoch": result.info["best_epoch"],
+        "epoch": result.info.best_epoch,
+        "best_epoch": result.info.best_epoch,
+        "last_epoch_cv_metric": result.info.last["cv_metric"],  # not chosen on the folds
         "trial_seconds": time.time() - start,
         "result_dir": str(result.path),
-        "stage1_dir": str(stage1.path) if stage1 else "",
-        "training_key": key,
-        "top_n": -1 if cfg.effective_top_n is None else cfg.effective_top_n,
+        "stage1_dir": result.info.stage1_dir or "",
+        "training_key": result.info.key,
+        "top_n": cfg.effective_top_n,               # None: the model predicts patient_overall
         "final": True,
     })

@@ -8,6 +8,7 @@ every family; only the task differs. Tasks also serve inference (`predict`) outs
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +22,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from cspine_ray import TARGETS, VERTEBRAE
 from cspine_ray.datasets import study_labels
-from cspine_ray.metric import EPS, evaluate
+from cspine_ray.metric import evaluate, vertebra_loss
 from cspine_ray.models import create_model, patient_overall
-from cspine_ray.preprocess.manifest import read_manifest, usable
+from cspine_ray.preprocess.shards import ShardSet
 from cspine_ray.train.config import OptimConfig, TrainConfig
 
 SLICE_TABLES = "slice_tables.npz"
@@ -41,18 +42,23 @@ class JobData:
     slice_tables: dict[str, np.ndarray] = field(default_factory=dict)  # uid -> (z, 11)
 
     @classmethod
-    def load(cls, shards_dir: str | Path, stage1_dir: str | Path | None = None) -> JobData:
-        train = usable(read_manifest(shards_dir), "train")
+    def load(cls, shards: ShardSet | str | Path, stage1_dir: str | Path | None = None) -> JobData:
+        """The labelled training studies of a shard set (and a stage-1 result's slice tables)."""
+        shards = ShardSet.of(shards)
+        train = shards.usable("train")
         train = train[train["fold"] >= 0]
-        tables = load_slice_tables(Path(stage1_dir) / SLICE_TABLES) if stage1_dir else {}
-        return cls(
-            shards_dir=str(shards_dir),
+        data = cls(
+            shards_dir=str(shards.root),
             uids=train["study_uid"].tolist(),
             folds=dict(zip(train["study_uid"], train["fold"].astype(int))),
             labels=study_labels(train),
             segmented=set(train.loc[train["has_segmentation"], "study_uid"]),
-            slice_tables=tables,
         )
+        return data.with_slice_tables(stage1_dir) if stage1_dir else data
+
+    def with_slice_tables(self, stage1_dir: str | Path) -> JobData:
+        """The same studies with a stage-1 result's out-of-fold slice tables."""
+        return dataclasses.replace(self, slice_tables=load_slice_tables(Path(stage1_dir) / SLICE_TABLES))
 
     @property
     def n_folds(self) -> int:
@@ -104,7 +110,6 @@ class Task(ABC):
     """One family's recipe for one fold. Subclasses fill in the family-specific parts."""
 
     name = ""
-    uses_stage1 = True
 
     def __init__(self, cfg: TrainConfig, data: JobData):
         self.cfg = cfg
@@ -172,11 +177,7 @@ def score_predictions(preds: pd.DataFrame, data: JobData, top_n: int | None) -> 
     wide = to_targets(preds, top_n)
     labels = data.label_frame(wide.index)
     scores = evaluate(labels, wide)
-    y = labels[list(VERTEBRAE)].to_numpy()
-    p = np.clip(wide[list(VERTEBRAE)].to_numpy(), EPS, 1 - EPS)
-    w = np.where(y > 0.5, 2.0, 1.0)
-    bce = -(y * np.log(p) + (1 - y) * np.log(1 - p))
-    scores["val_loss"] = float((w * bce).sum() / w.sum())
+    scores["val_loss"] = vertebra_loss(labels.to_numpy(), wide.to_numpy())
     return scores
 
 

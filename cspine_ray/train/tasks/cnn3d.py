@@ -17,7 +17,6 @@ from cspine_ray.train.tasks.base import Task, autocast, to_device
 
 class Cnn3dTask(Task):
     name = "cnn3d"
-    uses_stage1 = False
 
     def model_spec(self) -> tuple[str, dict[str, Any]]:
         return "cnn3d", {"in_chans": len(resolve_windows(self.cfg.input.windows)), **self.cfg.model}

@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cspine_ray import N_VERTEBRAE
 from cspine_ray.datasets import augment_batch
+from cspine_ray.datasets.tables import SLICE_TABLE_WIDTH
 from cspine_ray.models import decode_locator, split_locator_outputs
 from cspine_ray.train.config import OptimConfig
 from cspine_ray.train.tasks.slices import SliceTask
@@ -22,7 +24,6 @@ from cspine_ray.train.tasks.slices import SliceTask
 
 class LocatorTask(SliceTask):
     name = "locator"
-    uses_stage1 = False
 
     @property
     def image_size(self) -> int:
@@ -68,7 +69,7 @@ class LocatorTask(SliceTask):
         for uid in uids:
             zs, raw = outputs[uid]
             ratio, box = decode_locator(torch.from_numpy(raw))
-            table = np.zeros((len(zs), 11), np.float32)
+            table = np.zeros((len(zs), SLICE_TABLE_WIDTH), np.float32)
             table[zs] = torch.cat([ratio, box], dim=1).numpy()
             tables[uid] = table
         return tables
@@ -83,9 +84,10 @@ class LocatorTask(SliceTask):
         for uid in uids:
             shard = store.get(uid)
             ratio, box = np.asarray(shard.ratio), np.asarray(shard.box)
-            ratio_err = np.abs(tables[uid][:, :7] - ratio).mean()
+            ratio_err = np.abs(tables[uid][:, :N_VERTEBRAE] - ratio).mean()
             shown = np.isfinite(box).all(1) & (ratio.max(1) > 0.5)
-            box_err = np.abs(tables[uid][shown, 7:] - box[shown]).mean() if shown.any() else 0.0
+            box_err = (np.abs(tables[uid][shown, N_VERTEBRAE:] - box[shown]).mean()
+                       if shown.any() else 0.0)
             rows[uid] = {"ratio_mae": float(ratio_err), "box_mae": float(box_err)}
         return pd.DataFrame.from_dict(rows, orient="index")
 

@@ -1,0 +1,150 @@
+"""A finished training result as exported: its record (`ResultInfo`), its files, its figures.
+
+An exported result folder holds `result.json` (a `ResultInfo`), `config.yaml`, `fold_<k>.pt`
+(best-epoch weights, loadable with weights_only=True), `oof.parquet` (each training study
+exactly once, predicted by the fold model that did not see it) and, for stage 1,
+`slice_tables.npz`. Everything that reads a result reads it through `load_result`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cspine_ray import TARGETS
+from cspine_ray.config import from_dict, to_dict
+from cspine_ray.metric import evaluate
+from cspine_ray.preprocess.shards import ShardSet
+from cspine_ray.train.config import TrainConfig
+from cspine_ray.train.tasks.base import JobData, score_predictions, to_targets
+
+RESULT = "result.json"
+
+
+@dataclass
+class ModelSpec:
+    """How to rebuild a fold model: a registered model name and its create_model arguments."""
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ResultInfo:
+    """What result.json records about a finished training job."""
+
+    task: str                       # a family name or "locator" (stage 1)
+    key: str                        # the training (or stage-1) key it is stored under
+    config: TrainConfig
+    n_folds: int
+    manifest_hash: str              # the shard set it was trained on
+    shards_dir: str
+    stage1_dir: str | None          # the stage-1 result whose slice tables it trained on
+    model: ModelSpec
+    prior: list[float]              # training prevalence of the 8 targets (unreadable studies)
+    history: list[dict[str, Any]]   # every epoch's report (train/loop.py epoch_report)
+    best_epoch: int                 # 1-based epoch with the best CV metric (the fold weights)
+    cv_metric: float                # the CV metric of that epoch
+    created: str
+
+    @property
+    def best(self) -> dict[str, Any]:
+        """The report of the best epoch."""
+        return next(h for h in self.history if h["epoch"] == self.best_epoch)
+
+    @property
+    def last(self) -> dict[str, Any]:
+        """The report of the last epoch: a figure not chosen on the validation folds."""
+        return self.history[-1]
+
+
+def torch_load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@dataclass
+class TrainResult:
+    """A finished training job, as exported."""
+
+    path: Path
+    info: ResultInfo
+    reused: bool = False  # True when an earlier job's result served this request
+
+    @property
+    def config(self) -> TrainConfig:
+        return self.info.config
+
+    @property
+    def family(self) -> str:
+        return self.info.task
+
+    @property
+    def n_folds(self) -> int:
+        return self.info.n_folds
+
+    def oof(self) -> pd.DataFrame:
+        """Raw out-of-fold study predictions: study_uid, fold, C1..C7 (+ patient_model)."""
+        return pd.read_parquet(self.path / "oof.parquet")
+
+    def fold_weights(self, fold: int) -> dict:
+        """Best-epoch state dict of one fold model."""
+        return torch_load(self.path / f"fold_{fold}.pt")["model"]
+
+
+def write_info(info: ResultInfo, path: Path) -> None:
+    path.write_text(json.dumps(to_dict(info), indent=1, default=float))
+
+
+def load_result(path: str | Path) -> TrainResult:
+    path = Path(path)
+    return TrainResult(path=path, info=from_dict(ResultInfo, json.loads((path / RESULT).read_text())))
+
+
+def summarize_folds(per_fold: dict[int, dict]) -> dict[str, float]:
+    """Each fold figure's CV mean (cv_<name>, NaN folds skipped) and every fold's own value."""
+    keys = sorted({k for m in per_fold.values() for k in m})
+    out = {}
+    for key in keys:
+        values = [per_fold[f].get(key, math.nan) for f in sorted(per_fold)]
+        finite = [v for v in values if v == v]
+        out[f"cv_{key}"] = float(np.mean(finite)) if finite else math.nan
+        for f in sorted(per_fold):
+            out[f"fold_{f}_{key}"] = float(per_fold[f].get(key, math.nan))
+    return out
+
+
+def evaluate_result(result: TrainResult, shards: ShardSet | str | Path,
+                    top_n: int | None) -> dict[str, float]:
+    """A result's figures under the top-N rule, from its out-of-fold predictions.
+
+    cv_<name> and fold_<k>_<name> are per-fold figures and their mean (as during training);
+    oof_<name> pools all studies (the competition metric, its global variant, the AUCs).
+    """
+    data = JobData.load(shards)
+    oof = result.oof().set_index("study_uid")
+    per_fold = {int(k): score_predictions(part.drop(columns="fold"), data, top_n)
+                for k, part in oof.groupby("fold")}
+    preds = to_targets(oof, top_n)
+    return {**summarize_folds(per_fold),
+            **{f"oof_{k}": v for k, v in evaluate(data.label_frame(preds.index), preds).items()}}
+
+
+def evaluate_prior(shards: ShardSet | str | Path) -> dict[str, float]:
+    """The out-of-fold figures of the constant-prior baseline every model must beat.
+
+    Each study is predicted with the prevalence of every target among the studies of the
+    OTHER folds (as the fold model that did not see it would be), so no label leaks in.
+    """
+    data = JobData.load(shards)
+    fold_prior = {f: data.prior(data.split(f)[0]) for f in set(data.folds.values())}
+    preds = pd.DataFrame([fold_prior[data.folds[u]] for u in data.uids], index=data.uids,
+                         columns=list(TARGETS))
+    figures = evaluate(data.label_frame(data.uids), preds.astype(np.float64))
+    return {f"oof_{k}": v for k, v in figures.items()}

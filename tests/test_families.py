@@ -1,0 +1,115 @@
+"""The family table and the keys derived from it: a result is reused exactly when it would not change."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from cspine_ray.config import ConfigError, drop, select
+from cspine_ray.train.config import TrainConfig, build_config
+from cspine_ray.train.families import FAMILIES
+
+MANIFEST = "0123456789abcdef"
+
+
+def cfg(family: str, **changes) -> TrainConfig:
+    return build_config({"family": family}, changes)
+
+
+def keys(c: TrainConfig) -> tuple[str, str]:
+    return c.training_key(MANIFEST), c.stage1_key(MANIFEST)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("change", [
+    {"top_n": 3},                          # re-scored from the out-of-fold predictions
+    {"resources.gpus": 1.0, "resources.num_workers": 5, "resources.max_failures": 0},
+    {"input.loader_workers": 7},           # how fast batches come, not what they hold
+])
+def test_what_cannot_change_a_result_keeps_both_keys(family, change):
+    assert keys(cfg(family, **change)) == keys(cfg(family))
+
+
+@pytest.mark.parametrize("change", [
+    {"stage1.epochs": 3}, {"stage1.lr": 3e-4}, {"stage1.backbone": "resnet18"},
+    {"optim.weight_decay": 1e-3}, {"optim.t0": 2}, {"optim.eta_min": 1e-5}, {"optim.amp": False},
+    {"input.windows": ["bone", "soft"]}, {"input.neighbour_offset": 2}, {"seed": 7},
+    {"pretrained": True}, {"augment.hflip_p": 0.0},
+])
+def test_what_the_locator_reads_changes_stage1_and_every_family_that_uses_it(change):
+    base = {f: keys(cfg(f)) for f in FAMILIES}
+    for family in FAMILIES:
+        training, stage1 = keys(cfg(family, **change))
+        assert stage1 != base[family][1], (family, change)
+        if FAMILIES[family].needs_stage1:
+            assert training != base[family][0], (family, change)
+
+
+@pytest.mark.parametrize("change", [{"optim.lr": 3e-3}, {"optim.epochs": 3},
+                                    {"optim.batch_size": 2}, {"backbone": "resnet18"},
+                                    {"sequence.length": 4}, {"input.image_size": 64}])
+def test_what_the_locator_does_not_read_leaves_its_key(change):
+    for family in FAMILIES:
+        assert cfg(family, **change).stage1_key(MANIFEST) == cfg(family).stage1_key(MANIFEST)
+
+
+def test_a_family_key_moves_only_with_the_sections_that_family_reads():
+    # sequence.* is read by two_stage only; backbone by every family but cnn3d
+    for family, moves in (("two_stage", True), ("single_head", False), ("multi_head", False),
+                          ("cnn3d", False)):
+        assert (keys(cfg(family, **{"sequence.length": 4}))[0] != keys(cfg(family))[0]) is moves
+    for family, moves in (("two_stage", True), ("single_head", True), ("cnn3d", False)):
+        assert (keys(cfg(family, backbone="resnet18"))[0] != keys(cfg(family))[0]) is moves
+    for family in FAMILIES:  # a different data set is always a different result
+        assert cfg(family).training_key("fedcba9876543210") != cfg(family).training_key(MANIFEST)
+
+
+def test_read_settings_are_the_sections_the_family_reads_plus_its_rule():
+    assert sorted(cfg("cnn3d", top_n=3).read_settings()) == [
+        "augment", "family", "input", "model", "optim", "seed"]  # no rule: the model predicts it
+    two = cfg("two_stage").read_settings()
+    assert sorted(two) == ["augment", "backbone", "family", "input", "model", "optim",
+                           "pretrained", "seed", "sequence", "stage1", "top_n"]
+    assert two["top_n"] == 7 and cfg("single_head").read_settings()["top_n"] == 1
+    assert cfg("multi_head", top_n=4).read_settings()["top_n"] == 4
+    assert "sequence" not in cfg("multi_head").read_settings()
+
+
+def test_effective_rule_and_unknown_family():
+    assert [cfg(f).effective_top_n for f in FAMILIES] == [None, 1, 7, 7]
+    assert cfg("cnn3d", top_n=3).effective_top_n is None  # ignored for a model with its own
+    with pytest.raises(ConfigError, match="family must be one of"):
+        cfg("resnet")
+
+
+def test_select_and_drop_dotted_keys():
+    data = {"a": {"x": 1, "y": [2]}, "b": 3, "c": {"z": 4}}
+    picked = select(data, ["a.y", "b"])
+    assert picked == {"a": {"y": [2]}, "b": 3}
+    picked["a"]["y"].append(9)
+    assert data["a"]["y"] == [2]  # a copy, not a view
+    assert drop(data, ["a.x", "c", "nope.q"]) == {"a": {"y": [2]}, "b": 3}
+    assert data["c"] == {"z": 4}
+
+
+def test_best_epoch_choice_skips_folds_and_epochs_without_a_figure():
+    from cspine_ray.train.loop import cv_metric, improves
+
+    nan = float("nan")
+    # a fold with no figure is left out of the mean, not averaged in as 0 or NaN
+    assert cv_metric({0: {"metric": 0.5}, 1: {"metric": nan}, 2: {"metric": 0.3}}) == pytest.approx(0.4)
+    assert math.isnan(cv_metric({0: {"metric": nan}, 1: {"metric": nan}}))
+
+    def best_of(cvs: list[float]) -> int:  # the loop's choice over a run's epochs (0-based)
+        best_cv, best = float("inf"), -1
+        for epoch, cv in enumerate(cvs):
+            if improves(cv, best_cv, best):
+                best_cv, best = cv, epoch
+        return best
+
+    assert best_of([0.6, 0.4, 0.5]) == 1
+    assert best_of([0.6, nan, 0.7]) == 0        # a NaN epoch never wins
+    assert best_of([nan, nan, nan]) == 0        # no figure at all: keep the first epoch
+    assert best_of([nan, 0.6, 0.5]) == 2        # the first real figure replaces NaN
+    assert best_of([0.5, 0.5]) == 0             # ties keep the earlier epoch
