@@ -234,19 +234,19 @@ def test_real_slice_in_other_syntaxes_decodes_identically(tmp_path, name):
 
 def test_enhanced_multiframe_ct_is_refused(tmp_path):
     folder = one_file_study(tmp_path, pydicom_file("eCT_Supplemental.dcm"))
-    with pytest.raises(StudyError, match=r"eCT_Supplemental\.dcm: multi-frame image \(2 frames\)"):
+    with pytest.raises(StudyError, match=r"file #1: multi-frame image \(2 frames\)"):
         scan_series(folder)
 
 
 def test_real_truncated_file_detected_at_scan(tmp_path):
     folder = one_file_study(tmp_path, pydicom_file("MR_truncated.dcm"), "study")
-    with pytest.raises(StudyError, match=r"study study: no usable DICOM slice .*MR_truncated\.dcm: pixel data "
+    with pytest.raises(StudyError, match=r"study study: no usable DICOM slice .*file #1: pixel data "
                                          r"truncated: file holds 8130 of 8192 bytes"):
         scan_series(folder)
     shutil.copy(pydicom_file("MR_small.dcm"), folder / "MR_small.dcm")
     info = scan_series(folder)
     assert [p.name for p in info.files] == ["MR_small.dcm"]
-    warning_with(info, "skipped MR_truncated.dcm: pixel data truncated")
+    warning_with(info, "skipped file #2: pixel data truncated")  # MR_small.dcm is #1 by name
 
 
 # ----------------------------------------------------------------------------- the real example study
@@ -356,8 +356,10 @@ def test_text_file_named_dcm_is_skipped(tmp_path):
     (folder / "empty.dcm").write_bytes(b"")
     volume, info = read_series(folder)
     assert volume.shape == (2, 32, 32)
-    warning_with(info, "skipped notes.dcm: not a DICOM image")
-    warning_with(info, "skipped empty.dcm: empty file")
+    # named by their place in the folder (1.dcm, 2.dcm, empty.dcm, notes.dcm), not their names
+    warning_with(info, "skipped file #4: not a DICOM image")
+    warning_with(info, "skipped file #3: empty file")
+    assert not [w for w in info.warnings if "notes" in w or "empty.dcm" in w]
 
 
 def test_two_series_keeps_the_larger(tmp_path):
@@ -442,7 +444,7 @@ def test_empty_missing_and_junk_folders_are_errors(tmp_path):
         scan_series(tmp_path / "nowhere", study="1.2.3")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "a.dcm").write_text("hello")
-    with pytest.raises(StudyError, match=r"study junk: no usable DICOM slice .*a\.dcm: not a DICOM image"):
+    with pytest.raises(StudyError, match=r"study junk: no usable DICOM slice .*file #1: not a DICOM image"):
         read_series(tmp_path / "junk")
 
 
@@ -605,3 +607,65 @@ def test_a_study_too_short_for_the_cervical_spine_is_refused(tmp_path):
     write_series(folder, axial([3.0 * i for i in range(MIN_SLICES)]))  # 45 mm
     assert 3.0 * (MIN_SLICES - 1) >= MIN_EXTENT_MM
     check_usable(scan_series(folder))  # no error
+
+
+# --- file names from outside never reach a message; any extension is read; symlink policy ---
+
+def test_file_names_that_are_not_numbers_never_reach_a_message(tmp_path):
+    folder = tmp_path / "named"
+    names = ["DOE^JOHN_19011231.dcm", "2.dcm", "3.dcm", "4.dcm", "ROE^RICHARD.dcm"]
+    write_series(folder, axial([10, 9, 8, 8, 6]), names=names)  # a duplicate and a gap
+    (folder / "SMITH^JANE.dcm").write_text("not DICOM")
+    (folder / "MILLER^ANN").symlink_to(tmp_path / "gone")  # dangling
+    info = scan_series(folder)
+    text = " ".join(info.warnings)
+    for person in ("DOE", "JOHN", "19011231", "ROE", "SMITH", "JANE", "MILLER"):
+        assert person not in text, text
+    # sorted names: 2.dcm 3.dcm 4.dcm DOE^JOHN.. (#4) MILLER^ANN (#5) ROE^RICHARD.. (#6) SMITH^JANE (#7)
+    warning_with(info, "skipped file #7: not a DICOM image")
+    warning_with(info, "(a broken symlink?): file #5")
+    warning_with(info, "kept instance 3 (3.dcm), dropped instance 4 (4.dcm)")
+    warning_with(info, "2.00 mm between instance 3 (3.dcm) and instance 5 (file #6)")
+    assert info.file_labels == ("file #4", "2.dcm", "3.dcm", "file #6")
+    (folder / "ROE^RICHARD.dcm").unlink()  # gone before it is decoded: the error names it safely
+    with pytest.raises(StudyError) as error:
+        list(iter_hu_slices(info))
+    assert "cannot decode file #6" in str(error.value) and "ROE" not in str(error.value)
+
+
+def test_files_without_dcm_extension_are_read(tmp_path):
+    expected, _ = read_series(write_series(tmp_path / "plain", axial([3, 2, 1]))[0].parent)
+    folder = tmp_path / "bare"
+    write_series(folder, axial([3, 2, 1]), names=["1", "2", "3"])
+    volume, info = read_series(folder)
+    np.testing.assert_array_equal(volume, expected)
+    assert info.warnings == () and [p.name for p in info.files] == ["1", "2", "3"]
+
+
+def test_symlinks_are_followed_only_inside_the_data_root(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    write_series(root / "store" / "s", axial([5, 4, 3, 2]))  # HU = 10 * z
+    (root / "train_images").mkdir()
+    (root / "train_images" / "s").symlink_to(root / "store" / "s")  # a folder link inside the root
+    study = root / "train_images" / "s"
+    volume, info = read_series(study)
+    assert scan_series(study, root=root).warnings == ()  # followed silently
+    np.testing.assert_array_equal(volume, read_series(root / "store" / "s")[0])
+
+    write_series(outside, axial([1]), instances=[5])
+    (study / "5.dcm").symlink_to(outside / "5.dcm")  # a slice from outside the root
+    info = scan_series(study, root=root)
+    assert info.instance_numbers == (1, 2, 3, 4)
+    warning_with(info, "skipped 1 file(s) that link outside the data root (symlinks are followed "
+                       "only within it): 5.dcm")
+
+    write_series(root / "other", axial([1]), instances=[6])
+    (study / "6.dcm").symlink_to(root / "other" / "6.dcm")  # another folder of the root
+    info = scan_series(study, root=root)
+    assert info.instance_numbers == (1, 2, 3, 4, 6)  # joins, but never unnoticed
+    warning_with(info, "1 file(s) are symlinks to files outside the study folder (elsewhere in "
+                       "the data root), read as part of this study: 6.dcm")
+    # without a data root the study folder is the boundary
+    info = scan_series(study)
+    assert info.instance_numbers == (1, 2, 3, 4)
+    warning_with(info, "skipped 2 file(s) that link outside the study folder")

@@ -96,7 +96,7 @@ def broken_layout(tmp_path_factory, tiny_specs) -> tuple[Path, dict[str, str]]:
     expect[uid[4]] = "resized"
     for f in (images / uid[5]).glob("*.dcm"):                         # an empty folder
         f.unlink()
-    expect[uid[5]] = "no .dcm files"
+    expect[uid[5]] = "has no files"
 
     # a dangling symlink and a symlink loop beside good slices: the study is read all the same
     (images / uid[8] / "dangling.dcm").symlink_to("/nonexistent/gone.dcm")

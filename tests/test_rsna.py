@@ -3,11 +3,13 @@
 Image folders hold one dummy .dcm file each: discovery must not read pixels or headers.
 """
 
+import codecs
+
 import pytest
 
 from cspine_ray import TARGETS
-from cspine_ray.io.errors import StudyError
-from cspine_ray.io.rsna import Layout, StudyRecord, check_uid, discover
+from cspine_ray.io.errors import LayoutError, StudyError
+from cspine_ray.io.rsna import Layout, StudyRecord, check_uid, discover, resolves_inside
 
 NEG = "1.2.826.0.1.3680043.1"       # no fracture
 POS = "1.2.826.0.1.3680043.2"       # C2
@@ -156,6 +158,94 @@ def test_empty_csv_raises_naming_file(tmp_path):
         discover(tmp_path)
 
 
+def train_csv_text():
+    return "\n".join([TRAIN_HEADER, label_row(NEG, 0, *"0000000"), label_row(POS, 1, *"0100000"),
+                      label_row(POS2, 1, *"1010000")]) + "\n"
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-8-sig"])
+def test_csv_with_a_byte_order_mark_is_decoded(tmp_path, encoding):
+    # spreadsheets save "Unicode text" as UTF-16 with a byte-order mark; decoded, not refused
+    clean = discover(make_layout(tmp_path / "clean"))
+    root = make_layout(tmp_path / "marked")
+    raw = train_csv_text().encode(encoding)
+    if encoding == "utf-16-be":
+        raw = codecs.BOM_UTF16_BE + raw  # the -be codec writes no mark of its own
+    (root / "train.csv").write_bytes(raw)
+    layout = discover(root)
+    assert layout.problems == []
+    assert [(r.uid, r.labels) for r in layout.studies] == [(r.uid, r.labels) for r in clean.studies]
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", r"train\.csv: empty file, expected columns StudyInstanceUID"),
+    (b" \n\n", r"train\.csv: empty file"),
+    (train_csv_text().replace("C1", "C\xe9").encode("latin-1"),
+     r"train\.csv: not UTF-8 text \(byte 0xe9 at offset \d+ cannot be decoded\); save it as a UTF-8 CSV"),
+    (train_csv_text().encode("utf-16-le"), r"train\.csv: not a text CSV file \(it holds NUL bytes"),
+    (b"PK\x03\x04\x14\x00\x06\x00\x08\x00\x00\x00!\x00\xb3", r"train\.csv: not UTF-8 text"),  # an .xlsx
+    (("StudyInstanceUID,patient_overall,C1,C2,C3,C4,C5,C6,C7\n" + NEG + ",0,0\n1,2,3,4,5,6,7,8,9,10,11\n")
+     .encode(), r"train\.csv: not a CSV file \(Error tokenizing data"),
+])
+def test_unreadable_csv_is_one_layout_error_naming_the_file(tmp_path, content, message):
+    make_layout(tmp_path)
+    (tmp_path / "train.csv").write_bytes(content)
+    with pytest.raises(LayoutError, match=message) as error:
+        discover(tmp_path)
+    assert isinstance(error.value, ValueError) and "\n" not in str(error.value)
+
+
+# --- the symlink policy: links are followed only inside the data root ----------------------
+
+def test_resolves_inside(tmp_path):
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (root / "in").symlink_to(root / "a")
+    (root / "out").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "root-link").symlink_to(root)
+    assert resolves_inside(root / "a", root) and resolves_inside(root / "in", root)
+    assert not resolves_inside(root / "out", root)
+    assert not resolves_inside(tmp_path / "rootx", root)  # a prefix is not a parent
+    # the root may itself be a link (data on shared storage): both sides are resolved
+    assert resolves_inside(tmp_path / "root-link" / "a", root)
+    assert resolves_inside(root / "a", tmp_path / "root-link")
+
+
+def test_study_folders_linked_inside_the_root_are_followed_outside_refused(tmp_path):
+    root = make_layout(tmp_path / "root")
+    rewrite_train(root, [label_row("1.5", 0, *"0000000"), label_row("1.6", 0, *"0000000")])
+    add_images(root, "store", "1.5")                       # root/store/1.5: inside the root
+    (root / "train_images" / "1.5").symlink_to(root / "store" / "1.5")
+    add_images(tmp_path, "outside", "1.6")                 # beside the root, not in it
+    (root / "train_images" / "1.6").symlink_to(tmp_path / "outside" / "1.6")
+    layout = discover(root)
+    assert "1.5" in uids(layout) and problems_for(layout, "1.5") == []  # followed silently
+    assert "1.6" not in uids(layout)
+    assert problems_for(layout, "1.6") == [
+        "train_images/1.6 links outside the data root; refused (symlinks are followed only "
+        "within the root)"]
+
+
+def test_segmentations_linked_outside_the_root_are_dropped(tmp_path):
+    root = make_layout(tmp_path / "root")
+    seg = root / "segmentations"
+    (root / "store").mkdir()
+    (seg / f"{NEG}.nii").rename(root / "store" / "neg.nii")
+    (seg / f"{NEG}.nii").symlink_to(root / "store" / "neg.nii")       # inside: used
+    (tmp_path / "pos2.nii.gz").write_bytes(b"dummy")
+    (seg / f"{POS2}.nii.gz").unlink()
+    (seg / f"{POS2}.nii.gz").symlink_to(tmp_path / "pos2.nii.gz")     # outside: refused
+    layout = discover(root)
+    records = {r.uid: r for r in layout.studies}
+    assert records[NEG].segmentation == seg / f"{NEG}.nii" and problems_for(layout, NEG) == []
+    assert records[POS2].segmentation is None  # the study stays, with its labels
+    assert records[POS2].labels["C1"] == 1
+    assert problems_for(layout, POS2) == [
+        f"segmentations/{POS2}.nii.gz links outside the data root; refused (symlinks are "
+        "followed only within the root); segmentation dropped, the study is kept without it"]
+
+
 # --- train.csv values ----------------------------------------------------------------------
 
 def rewrite_train(root, extra_rows, keep=(NEG, POS, POS2)):
@@ -211,17 +301,24 @@ def test_hostile_uid_in_train_csv_is_never_followed(tmp_path):
 
 def test_listed_without_images(tmp_path):
     make_layout(tmp_path)
-    missing, empty, no_dcm, not_folder = "1.1", "1.2", "1.3", "1.4"
+    missing, empty, not_folder = "1.1", "1.2", "1.4"
     (tmp_path / "train_images" / empty).mkdir()
-    add_images(tmp_path, "train_images", no_dcm, files=("notes.txt",))
     (tmp_path / "train_images" / not_folder).write_text("x")
-    rewrite_train(tmp_path, [label_row(u, 0, *"0000000") for u in (missing, empty, no_dcm, not_folder)])
+    rewrite_train(tmp_path, [label_row(u, 0, *"0000000") for u in (missing, empty, not_folder)])
     layout = discover(tmp_path)
     assert problems_for(layout, missing) == [f"listed in train.csv but train_images/{missing} is missing"]
-    assert problems_for(layout, empty) == [f"train_images/{empty} has no .dcm files"]
-    assert problems_for(layout, no_dcm) == [f"train_images/{no_dcm} has no .dcm files"]
+    assert problems_for(layout, empty) == [f"train_images/{empty} has no files"]
     assert problems_for(layout, not_folder) == [f"train_images/{not_folder} is not a folder"]
     assert uids(layout, "train") == sorted([NEG, POS, POS2])
+
+
+def test_files_need_no_dcm_extension(tmp_path):
+    # many exports name slices by number or UID alone: the reader decides what is DICOM
+    make_layout(tmp_path)
+    add_images(tmp_path, "train_images", "1.3", files=("1", "2", "1.2.840.7"))
+    rewrite_train(tmp_path, [label_row("1.3", 0, *"0000000")])
+    layout = discover(tmp_path)
+    assert "1.3" in uids(layout, "train") and problems_for(layout, "1.3") == []
 
 
 def test_dcm_suffix_is_case_insensitive(tmp_path):
@@ -263,21 +360,26 @@ def write_boxes(root, rows):
 
 @pytest.mark.parametrize("box, message", [
     (f"{POS},-1,20,30,40,13", "x='-1' must be a finite number >= 0"),
-    (f"{POS},1,20,-30,40,13", "width='-30' must be a finite number >= 0"),
+    (f"{POS},1,20,-30,40,13", "width='-30' must be a finite number > 0"),  # reversed corners
+    (f"{POS},1,20,30,0,13", "height='0' must be a finite number > 0"),     # no area
     (f"{POS},,20,30,40,13", "x='' must be a finite number >= 0"),
     (f"{POS},NaN,20,30,nan,13", "x='NaN' must be a finite number >= 0, "
-                                "height='nan' must be a finite number >= 0"),
-    (f"{POS},1,2,3,inf,13", "height='inf' must be a finite number >= 0"),
+                                "height='nan' must be a finite number > 0"),
+    (f"{POS},1,2,3,inf,13", "height='inf' must be a finite number > 0"),
     (f"{POS},1,2,3,4,13.5", "slice_number='13.5' must be an integer >= 0"),
     (f"{POS},1,2,3,4,abc", "slice_number='abc' must be an integer >= 0"),
     (f"{POS},1,2,3,4,-2", "slice_number='-2' must be an integer >= 0"),
 ])
-def test_bad_box_geometry_excludes_the_study(tmp_path, box, message):
+def test_a_bad_box_drops_that_studys_boxes_only(tmp_path, box, message):
     make_layout(tmp_path)
     write_boxes(tmp_path, [box])
     layout = discover(tmp_path)
-    assert problems_for(layout, POS) == [f"train_bounding_boxes.csv line 4: {message}"]
-    assert POS not in uids(layout) and POS2 in uids(layout)
+    assert problems_for(layout, POS) == [f"train_bounding_boxes.csv line 4: {message}; all 2 "
+                                         "fracture box(es) of this study dropped, its labels kept"]
+    records = {r.uid: r for r in layout.studies}
+    assert records[POS].fracture_boxes == ()  # the good box of line 2 goes too
+    assert records[POS].labels["C2"] == 1 and records[POS].labels["patient_overall"] == 1
+    assert records[POS2].fracture_boxes == ((1.0, 2.0, 3.0, 4.0, 7),)
 
 
 def test_integral_float_slice_number_is_accepted(tmp_path):
@@ -322,8 +424,9 @@ def test_segmentation_problems(tmp_path):
     (seg / "..x.nii").write_bytes(b"dummy")          # not a UID
     (seg / "readme.txt").write_text("hi")
     layout = discover(tmp_path)
-    assert problems_for(layout, NEG) == [f"more than one segmentation: {NEG}.nii, {NEG}.nii.gz"]
-    assert NEG not in uids(layout)
+    assert problems_for(layout, NEG) == [f"more than one segmentation: {NEG}.nii, {NEG}.nii.gz; "
+                                         "segmentation dropped, the study is kept without it"]
+    assert [r.segmentation for r in layout.studies if r.uid == NEG] == [None]
     assert problems_for(layout, "3.3") == ["segmentations/3.3.nii is for a study not in train.csv; "
                                            "ignored"]
     assert problems_for(layout, "..x")[0].startswith("segmentations/'..x.nii': invalid")
@@ -352,7 +455,7 @@ def test_test_folders_without_test_csv_are_studies(tmp_path):
     (tmp_path / "test_images" / "8.9").mkdir()
     layout = discover(tmp_path)
     assert uids(layout, "test") == [TEST_A, TEST_B, "8.8"]
-    assert problems_for(layout, "8.9") == ["test_images/8.9 has no .dcm files"]
+    assert problems_for(layout, "8.9") == ["test_images/8.9 has no files"]
 
 
 def test_test_csv_without_test_images(tmp_path):

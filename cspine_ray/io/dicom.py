@@ -18,13 +18,20 @@ Decisions: truncated or non-DICOM files are skipped at scan time (the pixel data
 checked against the header without reading the pixels); a file that still fails to decode later
 raises `StudyError` naming it, because the slice list is fixed by then. Enhanced / multi-frame
 images are refused: the RSNA data are single-frame, and per-frame geometry would need its own
-reader.
+reader. Every file of the folder is tried, whatever its extension. Symlinked files follow the
+layout's symlink policy (`rsna.resolves_inside`): one that leads outside the data root is
+skipped with a note, one that leads elsewhere inside the root joins the study with a note.
+
+Messages name a file only by a name that is a plain number or UID (`12.dcm`, `1.2.3.4`), else
+by its place in the folder (`file #3`: the third entry by name): file names from outside may
+hold a patient's name, and warnings end up in the manifest and the logs.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 import struct
 import warnings
 from collections import Counter
@@ -41,6 +48,7 @@ from scipy import ndimage
 
 from cspine_ray.io.errors import StudyError
 from cspine_ray.io.jpeg2000 import decode_reduced, halve, stored_range
+from cspine_ray.io.rsna import resolves_inside
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +71,7 @@ class SeriesInfo:
     spacing: tuple[float, float, float]  # (z, row, col) in mm; z = median gap between slices
     z_increases_with_instance: bool  # True for studies numbered feet -> head
     warnings: tuple[str, ...]  # every fault handled (skipped files, other series, resized, ...)
+    file_labels: tuple[str, ...] = ()  # how messages name each canonical slice's file (file_label)
 
 
 @dataclass
@@ -79,6 +88,36 @@ class _Header:
     pixel_spacing: tuple[float, float] | None
     thickness: float | None  # SpacingBetweenSlices, else SliceThickness
     modality: str
+    label: str = ""  # how messages name the file (file_label)
+
+
+# ----------------------------------------------------------------------------- safe names
+
+# names that cannot hold a person's name: a number or dotted UID, optionally .dcm (RSNA: 12.dcm)
+_PLAIN_NAME = re.compile(r"[0-9]+(\.[0-9]+)*(\.dcm)?", re.IGNORECASE)
+_CODE_STRING = re.compile(r"[A-Z0-9_ ]{1,16}")  # DICOM CS, e.g. a Modality
+_UID_TEXT = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+def file_label(path: Path, place: int) -> str:
+    """How messages name a file: its name when that is a plain number or UID, else its place
+    in the study folder ("file #3" = the third entry sorted by name)."""
+    return path.name if _PLAIN_NAME.fullmatch(path.name) else f"file #{place}"
+
+
+def _scrubbed(text: str, path: Path, label: str) -> str:
+    """An exception's text with the file's path, and a name that is not plain, replaced by its
+    label."""
+    text = text.replace(str(path), label)
+    return text if label == path.name else text.replace(path.name, label)
+
+
+def _code_text(value: str) -> str:
+    return value if _CODE_STRING.fullmatch(value) else "(not a DICOM code string)"
+
+
+def _uid_text(value: str) -> str:
+    return value if _UID_TEXT.fullmatch(value) and len(value) <= 64 else "(not a UID)"
 
 
 # ----------------------------------------------------------------------------- headers
@@ -193,11 +232,15 @@ _PLAUSIBLE = (("RescaleSlope", 1e-6, 1e3), ("RescaleIntercept", -1e5, 1e5),
 MAX_SIDE = 4096  # px per side a slice may declare (a 65535x65535 RLE header would need 8 GiB)
 
 
-def _read_header(path: Path) -> _Header | str:
-    """The header of one file, or the reason it cannot be used."""
+def _read_header(path: Path, label: str) -> _Header | str:
+    """The header of one file, or the reason it cannot be used (naming the file by `label`)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # force=True on junk (and odd UIDs) makes pydicom chatty
-        return _read_header_quietly(path)
+        header = _read_header_quietly(path)
+    if isinstance(header, str):
+        return _scrubbed(header, path, label)
+    header.label = label
+    return header
 
 
 def _read_header_quietly(path: Path) -> _Header | str:
@@ -272,7 +315,7 @@ def _listing(items: list[str]) -> str:
 
 
 def _instance_label(h: _Header) -> str:
-    return f"instance {h.instance if h.instance is not None else '?'} ({h.path.name})"
+    return f"instance {h.instance if h.instance is not None else '?'} ({h.label})"
 
 
 def _pick_series(headers: list[_Header], notes: list[str]) -> list[_Header]:
@@ -281,8 +324,9 @@ def _pick_series(headers: list[_Header], notes: list[str]) -> list[_Header]:
     if len(counts) == 1:
         return headers
     chosen = sorted(counts, key=lambda uid: (-counts[uid], uid))[0]
-    others = [f"{uid or '(empty uid)'} ({n} files)" for uid, n in sorted(counts.items()) if uid != chosen]
-    notes.append(f"folder holds {len(counts)} series: kept {chosen or '(empty uid)'} "
+    others = [f"{_uid_text(uid) if uid else '(empty uid)'} ({n} files)"
+              for uid, n in sorted(counts.items()) if uid != chosen]
+    notes.append(f"folder holds {len(counts)} series: kept {_uid_text(chosen) if chosen else '(empty uid)'} "
                  f"({counts[chosen]} files), ignored {_listing(others)}")
     return [h for h in headers if h.series_uid == chosen]
 
@@ -301,11 +345,11 @@ def _pick_orientation(headers: list[_Header], notes: list[str]) -> tuple[list[_H
         if h.orientation is None or np.abs(np.array(h.orientation) - reference).max() < 1e-2:
             keep.append(h)
         else:
-            off_plane.append(h.path.name)
+            off_plane.append(h.label)
     if off_plane:
         notes.append(f"skipped {len(off_plane)} file(s) in another plane than the series "
                      f"(ImageOrientationPatient differs): {_listing(off_plane)}")
-    missing = [h.path.name for h in keep if h.orientation is None]
+    missing = [h.label for h in keep if h.orientation is None]
     if missing:
         notes.append(f"{len(missing)} file(s) lack ImageOrientationPatient, assumed the series "
                      f"orientation: {_listing(missing)}")
@@ -343,7 +387,7 @@ def _order_by_instance(headers: list[_Header], study: str, notes: list[str]) -> 
     if len(headers) > 1 and not numbered:
         raise StudyError(study, "cannot order slices: no ImagePositionPatient and no InstanceNumber")
     if len(headers) > 1:
-        dropped = [h.path.name for h in headers if h.instance is None]
+        dropped = [h.label for h in headers if h.instance is None]
         if dropped:
             notes.append(f"skipped {len(dropped)} file(s) without position or InstanceNumber: {_listing(dropped)}")
         headers = sorted(numbered, key=lambda h: (h.instance, h.path.name))
@@ -406,7 +450,7 @@ def _check_tilt(ordered: list[_Header], normal: np.ndarray, study: str, notes: l
 
 def _order_by_position(headers: list[_Header], study: str, notes: list[str]) -> tuple[list[_Header], np.ndarray, float]:
     """Sort along the slice normal so patient z decreases (head first), whatever the normal's sign."""
-    unplaced = [h.path.name for h in headers if h.position is None]
+    unplaced = [h.label for h in headers if h.position is None]
     if unplaced:
         notes.append(f"skipped {len(unplaced)} file(s) without ImagePositionPatient: {_listing(unplaced)}")
         headers = [h for h in headers if h.position is not None]
@@ -435,13 +479,33 @@ def _instance_direction(ordered: list[_Header], notes: list[str]) -> bool:
     return bool(numbers[0] > numbers[-1])
 
 
+def _files_within(folder: Path, files: list[Path], root: str | Path | None,
+                  label: dict[Path, str], notes: list[str]) -> list[Path]:
+    """The symlink policy (rsna.resolves_inside) applied to a study's files: a file that
+    resolves outside the root (or, without one, the study folder) is skipped; one that resolves
+    elsewhere inside the root joins the study, said (it may be another study's slice)."""
+    boundary, where = (root, "the data root") if root is not None else (folder, "the study folder")
+    outside = [p for p in files if not resolves_inside(p, boundary)]
+    if outside:
+        notes.append(f"skipped {len(outside)} file(s) that link outside {where} (symlinks are "
+                     f"followed only within it): {_listing([label[p] for p in outside])}")
+    kept = [p for p in files if p not in outside]
+    elsewhere = [label[p] for p in kept if not resolves_inside(p, folder)]
+    if elsewhere:
+        notes.append(f"{len(elsewhere)} file(s) are symlinks to files outside the study folder "
+                     f"(elsewhere in {where}), read as part of this study: {_listing(elsewhere)}")
+    return kept
+
+
 # ----------------------------------------------------------------------------- public API
 
 
-def scan_series(folder: str | Path, study: str | None = None) -> SeriesInfo:
+def scan_series(folder: str | Path, study: str | None = None,
+                root: str | Path | None = None) -> SeriesInfo:
     """Read the headers of a study folder and work out the canonical slice order.
 
-    Headers only (stop_before_pixels), so this is cheap even for 600-slice studies.
+    Headers only (stop_before_pixels), so this is cheap even for 600-slice studies. `root` is
+    the data root a symlinked file must resolve into (None: the study folder itself).
     Raises StudyError when the folder holds no usable axial series.
     """
     folder = Path(folder)
@@ -449,23 +513,25 @@ def scan_series(folder: str | Path, study: str | None = None) -> SeriesInfo:
     if not folder.is_dir():
         raise StudyError(study, f"folder {folder} does not exist or is not a folder")
     entries = sorted(folder.iterdir())
+    label = {p: file_label(p, place) for place, p in enumerate(entries, start=1)}
     notes: list[str] = []
-    subfolders = [p.name for p in entries if p.is_dir()]
+    subfolders = [label[p] for p in entries if p.is_dir()]
     if subfolders:
         notes.append(f"ignored {len(subfolders)} subfolder(s): {_listing(subfolders)}")
-    files = [p for p in entries if p.is_file()]
-    broken = [p.name for p in entries if not p.is_file() and not p.is_dir()]
+    files = _files_within(folder, [p for p in entries if p.is_file()], root, label, notes)
+    broken = [label[p] for p in entries if not p.is_file() and not p.is_dir()]
     if broken:  # dangling symlinks, link loops, sockets: nothing to read, said not hidden
-        notes.append(f"skipped {len(broken)} entr{'y' if len(broken) == 1 else 'ies'} that "
-                     f"are neither files nor folders (a broken symlink?): {_listing(broken)}")
+        one = len(broken) == 1
+        notes.append(f"skipped {len(broken)} entr{'y that is' if one else 'ies that are'} "
+                     f"neither a file nor a folder (a broken symlink?): {_listing(broken)}")
     if not files:
-        raise StudyError(study, f"no files in {folder}")
+        raise StudyError(study, f"no files in {folder}" + (f" ({'; '.join(notes)})" if notes else ""))
 
     headers, skipped = [], []
     for path in files:
-        header = _read_header(path)
+        header = _read_header(path, label[path])
         if isinstance(header, str):
-            skipped.append(f"{path.name}: {header}")
+            skipped.append(f"{label[path]}: {header}")
         else:
             headers.append(header)
     if not headers:
@@ -493,7 +559,7 @@ def scan_series(folder: str | Path, study: str | None = None) -> SeriesInfo:
         notes.append("no PixelSpacing: in-plane spacing set to 1.0 mm")
         row_mm, col_mm = 1.0, 1.0
 
-    modalities = sorted({h.modality or "(missing)" for h in ordered} - {"CT"})
+    modalities = sorted({_code_text(h.modality) if h.modality else "(missing)" for h in ordered} - {"CT"})
     if modalities:
         notes.append(f"modality {', '.join(modalities)}, not CT: values are not Hounsfield units")
     unnumbered = sum(h.instance is None for h in ordered)
@@ -513,6 +579,7 @@ def scan_series(folder: str | Path, study: str | None = None) -> SeriesInfo:
         spacing=(float(z_spacing), float(row_mm), float(col_mm)),
         z_increases_with_instance=z_increases,
         warnings=messages,
+        file_labels=tuple(h.label for h in ordered),
     )
 
 
@@ -539,8 +606,8 @@ def _rescale(pixels: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     return apply_modality_lut(pixels, ds)  # RescaleSlope/Intercept or a modality LUT
 
 
-def _decode_hu(path: Path, study: str, shape: tuple[int, int], levels: int) -> np.ndarray:
-    """One file as HU at `levels` halvings of the series shape. StudyError names the file.
+def _decode_hu(path: Path, study: str, shape: tuple[int, int], levels: int, label: str) -> np.ndarray:
+    """One file as HU at `levels` halvings of the series shape. StudyError names the file (label).
 
     JPEG 2000 files that allow it are decoded straight at the reduced resolution; any other file
     is decoded in full and halved with the same 5/3 filter (same values: see io/jpeg2000.py).
@@ -563,10 +630,10 @@ def _decode_hu(path: Path, study: str, shape: tuple[int, int], levels: int) -> n
     except Exception as exc:  # decoder plugins raise assorted types
         hint = (" (`pip install cspine-ray[gpl-jpeg]` adds libjpeg, which decodes more JPEG "
                 "variants)" if isinstance(exc, NotImplementedError) or "plugins" in str(exc) else "")
-        raise StudyError(study, f"cannot decode {path.name}: {type(exc).__name__}: "
-                                f"{str(exc)[:200]}{hint}") from exc
+        raise StudyError(study, f"cannot decode {label}: {type(exc).__name__}: "
+                                f"{_scrubbed(str(exc), path, label)[:200]}{hint}") from exc
     if hu.ndim != 2:
-        raise StudyError(study, f"cannot decode {path.name}: expected one 2-D frame, got shape {hu.shape}")
+        raise StudyError(study, f"cannot decode {label}: expected one 2-D frame, got shape {hu.shape}")
     return hu
 
 
@@ -576,8 +643,9 @@ def iter_hu_slices(info: SeriesInfo, levels: int = 0) -> Iterator[np.ndarray]:
     levels > 0 delivers every slice at `halved_shape(info.shape, levels)`: the JPEG 2000 5/3
     low-pass band, decoded at that resolution where the file allows (much less CPU).
     """
-    for path in info.files:
-        yield _to_int16(_decode_hu(path, info.study, info.shape, levels))
+    labels = info.file_labels or tuple(file_label(p, i) for i, p in enumerate(info.files, start=1))
+    for path, label in zip(info.files, labels):
+        yield _to_int16(_decode_hu(path, info.study, info.shape, levels, label))
 
 
 def read_series(folder: str | Path, study: str | None = None) -> tuple[np.ndarray, SeriesInfo]:

@@ -4,7 +4,7 @@ A layout root holds (DESIGN.md section 2):
 
     train.csv                     StudyInstanceUID, patient_overall, C1..C7 (0/1)
     train_bounding_boxes.csv      optional: StudyInstanceUID, x, y, width, height, slice_number
-    train_images/<UID>/*.dcm      one folder per study
+    train_images/<UID>/*          one folder per study (the files need no .dcm extension)
     segmentations/<UID>.nii(.gz)  optional
     test.csv                      optional: row_id, StudyInstanceUID, prediction_type
     test_images/<UID>/            optional
@@ -13,17 +13,22 @@ A layout root holds (DESIGN.md section 2):
 `discover` never raises for a bad study: it records a `StudyError` in `Layout.problems` and
 leaves the study out. Informative problems concern things that are not studies we could use
 anyway (a test.csv row without images, a box for an unknown study, images without labels), so
-the rule is simple: no study named by a problem is in `Layout.studies`, except those only
-named by test.csv problems (test.csv is advisory: prediction covers the folders present).
-Only file-level faults (a CSV without its required columns, a root that is no RSNA layout)
-raise ValueError, naming the file.
+the rule is simple: no study named by a problem is in `Layout.studies`, except those named only
+by test.csv problems (test.csv is advisory: prediction covers the folders present) or by a
+dropped optional annotation (faulty fracture boxes, a refused segmentation: the study is kept
+with its labels, without that annotation). Only file-level faults (a CSV that is empty, not
+text, not a CSV or without its required columns; a root that is no RSNA layout) raise
+`LayoutError`, naming the file.
 
 UIDs become folder and file names, so every UID, from a CSV or a folder name, must pass
-`check_uid` before it is joined to a path.
+`check_uid` before it is joined to a path; and every path reached through a symlink must pass
+`resolves_inside` (the symlink policy) before it is read.
 """
 
 from __future__ import annotations
 
+import codecs
+import io
 import logging
 import math
 import os
@@ -35,7 +40,7 @@ from pathlib import Path
 import pandas as pd
 
 from cspine_ray import TARGETS, VERTEBRAE
-from cspine_ray.io.errors import StudyError
+from cspine_ray.io.errors import LayoutError, StudyError
 
 log = logging.getLogger(__name__)
 
@@ -70,20 +75,66 @@ def parse_binary(text: str) -> int:
     raise ValueError(f"{text!r} is not 0 or 1")
 
 
+def resolves_inside(path: str | Path, root: str | Path) -> bool:
+    """The symlink policy, the one place it is decided: a file or folder reached through
+    symlinks (its own or a parent folder's) is read only when its target lies inside the data
+    root, both resolved with os.path.realpath; links within the root are followed silently.
+
+    A link that leads outside is refused, never followed: a study folder or segmentation so
+    linked is a per-study problem with that reason, a slice file is skipped with a note in its
+    study's warnings (a dataset must not be able to pull in files from elsewhere on the
+    machine). Data on shared storage: make the root itself the link (or point --data at the
+    share), rather than linking single studies from outside into a local root.
+    """
+    real_root = os.path.realpath(root)
+    return os.path.commonpath([real_root, os.path.realpath(path)]) == real_root
+
+
+OUTSIDE_ROOT = "links outside the data root; refused (symlinks are followed only within the root)"
+
+
 def read_csv_strings(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
     """Read a CSV with every cell as a string (no NaN guessing), refusing missing columns.
 
     Strings keep UIDs like "1.10" from becoming floats and let the checks quote the exact text.
+    UTF-8 (with or without a byte-order mark) and UTF-16 with a byte-order mark (what
+    spreadsheets write as "Unicode text") are read; anything else is a LayoutError naming the
+    file, as are an empty file, a file that is no CSV and missing columns.
     """
+    text = _decoded_text(path)
+    if not text.strip():
+        raise LayoutError(f"{path}: empty file, expected columns {', '.join(required)}")
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise ValueError(f"{path}: empty file, expected columns {', '.join(required)}") from None
+        table = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise LayoutError(f"{path}: not a CSV file ({str(e).strip().splitlines()[0][:120]})") from None
     missing = [c for c in required if c not in table.columns]
     if missing:
-        raise ValueError(f"{path}: missing columns {', '.join(missing)} "
-                         f"(found: {', '.join(map(str, table.columns))})")
+        raise LayoutError(f"{path}: missing columns {', '.join(missing)} "
+                          f"(found: {', '.join(map(str, table.columns))[:200]})")
     return table
+
+
+def _decoded_text(path: Path) -> str:
+    """The file's text: UTF-8 unless a byte-order mark says UTF-16; LayoutError otherwise."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise LayoutError(f"{path}: cannot be read ({e.strerror})") from None
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encoding = "utf-16"  # the codec reads the mark and the byte order
+    else:
+        encoding = "utf-8-sig"  # plain UTF-8, a leading UTF-8 mark dropped
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise LayoutError(f"{path}: not {encoding.removesuffix('-sig').upper()} text (byte "
+                          f"0x{raw[e.start]:02x} at offset {e.start} cannot be decoded); save it "
+                          "as a UTF-8 CSV") from None
+    if "\0" in text:  # UTF-16 without a mark, or a binary file that happens to decode
+        raise LayoutError(f"{path}: not a text CSV file (it holds NUL bytes: UTF-16 without a "
+                          "byte-order mark, or binary data); save it as a UTF-8 CSV")
+    return text
 
 
 @dataclass(frozen=True)
@@ -107,11 +158,11 @@ def discover(root: str | Path) -> Layout:
     """Validate an RSNA layout and list its usable studies (headers and pixels are not read)."""
     root = Path(root)
     if not root.is_dir():
-        raise ValueError(f"not an RSNA layout: {root} is not a directory")
+        raise LayoutError(f"not an RSNA layout: {root} is not a directory")
     has_train = (root / "train.csv").is_file()
     has_test = (root / "test_images").is_dir()
     if not has_train and not has_test:
-        raise ValueError(f"not an RSNA layout: {root} has neither train.csv nor test_images/")
+        raise LayoutError(f"not an RSNA layout: {root} has neither train.csv nor test_images/")
 
     problems: list[StudyError] = []
     train = _discover_train(root, problems) if has_train else []
@@ -140,7 +191,7 @@ def _discover_train(root: Path, problems: list[StudyError]) -> list[StudyRecord]
     for uid in labels:
         if uid not in folders:
             bad[uid].append(f"listed in train.csv but train_images/{uid} is missing")
-        elif problem := _image_problem("train_images", uid, folders[uid]):
+        elif problem := _image_problem(root, "train_images", uid, folders[uid]):
             bad[uid].append(problem)
 
     boxes = _read_boxes(root, labels, bad, problems)
@@ -200,11 +251,16 @@ def _parse_train_rows(table: pd.DataFrame, bad: dict[str, list[str]],
 
 def _read_boxes(root: Path, labels: dict[str, dict[str, int]], bad: dict[str, list[str]],
                 problems: list[StudyError]) -> dict[str, list[Box]]:
+    """uid -> its boxes. A faulty row drops all of its study's boxes (a note, not an exclusion:
+    boxes are an optional annotation, the labels stay); boxes on a study whose labels say no
+    fracture contradict those labels, which excludes the study."""
     path = root / "train_bounding_boxes.csv"
     if not path.is_file():
         return {}
     table = read_csv_strings(path, BOX_COLUMNS)
     boxes: dict[str, list[Box]] = defaultdict(list)
+    faulty: dict[str, list[str]] = defaultdict(list)
+    rows: dict[str, int] = defaultdict(int)
     for index, row in enumerate(table.itertuples(index=False)):
         line = index + 2
         values = dict(zip(table.columns, row))
@@ -218,28 +274,43 @@ def _read_boxes(root: Path, labels: dict[str, dict[str, int]], bad: dict[str, li
         if uid not in labels:
             problems.append(StudyError(uid, f"{where}: box for a study not in train.csv; ignored"))
             continue
-        faults, geometry = [], []
-        for name in ("x", "y", "width", "height"):
-            number = _float_or_none(values[name])
-            if number is None or not math.isfinite(number) or number < 0:
-                faults.append(f"{name}={values[name]!r} must be a finite number >= 0")
-            geometry.append(number)
-        slice_number = _int_or_none(values["slice_number"])
-        if slice_number is None or slice_number < 0:
-            faults.append(f"slice_number={values['slice_number']!r} must be an integer >= 0")
-        if faults:
-            bad[uid].append(f"{where}: " + ", ".join(faults))
+        rows[uid] += 1
+        if faults := _box_faults(values):
+            faulty[uid].append(f"{where}: " + ", ".join(faults))
             continue
-        boxes[uid].append((*geometry, slice_number))
-    for uid in boxes:
+        boxes[uid].append((*(float(values[n]) for n in ("x", "y", "width", "height")),
+                           _int_or_none(values["slice_number"])))
+    for uid, count in rows.items():
         if labels[uid].get("patient_overall") == 0:
-            bad[uid].append(f"has {len(boxes[uid])} fracture box(es) in train_bounding_boxes.csv "
+            bad[uid].append(f"has {count} fracture box(es) in train_bounding_boxes.csv "
                             "but patient_overall=0")
+        elif uid in faulty:
+            boxes.pop(uid, None)
+            problems.append(StudyError(uid, "; ".join(faulty[uid]) + f"; all {count} fracture "
+                                            "box(es) of this study dropped, its labels kept"))
     return boxes
+
+
+def _box_faults(values: dict[str, str]) -> list[str]:
+    """What is wrong with one box row: corners at x, y >= 0, a positive size, a slice number.
+    (Whether it lies inside the image is checked once the image size is known.)"""
+    faults = []
+    for name in ("x", "y", "width", "height"):
+        number = _float_or_none(values[name])
+        size = name in ("width", "height")  # 0 or less: an empty or reversed box
+        if number is None or not math.isfinite(number) or number < 0 or (size and number == 0):
+            faults.append(f"{name}={values[name]!r} must be a finite number "
+                          f"{'> 0' if size else '>= 0'}")
+    slice_number = _int_or_none(values["slice_number"])
+    if slice_number is None or slice_number < 0:
+        faults.append(f"slice_number={values['slice_number']!r} must be an integer >= 0")
+    return faults
 
 
 def _find_segmentations(root: Path, labels: dict[str, dict[str, int]],
                         bad: dict[str, list[str]], problems: list[StudyError]) -> dict[str, Path]:
+    """uid -> its segmentation. One that cannot be used (two files, a link outside the root) is
+    dropped with a note: a segmentation is optional, the study is kept without it."""
     folder = root / "segmentations"
     if not folder.is_dir():
         return {}
@@ -261,10 +332,18 @@ def _find_segmentations(root: Path, labels: dict[str, dict[str, int]],
                                             "train.csv; ignored"))
             continue
         found[uid].append(folder / name)
+    usable = {}
     for uid, paths in found.items():
         if len(paths) > 1:
-            bad[uid].append("more than one segmentation: " + ", ".join(p.name for p in paths))
-    return {uid: paths[0] for uid, paths in found.items() if len(paths) == 1}
+            problem = "more than one segmentation: " + ", ".join(p.name for p in paths)
+        elif not resolves_inside(paths[0], root):
+            problem = f"segmentations/{paths[0].name} {OUTSIDE_ROOT}"
+        else:
+            usable[uid] = paths[0]
+            continue
+        problems.append(StudyError(uid, f"{problem}; segmentation dropped, the study is kept "
+                                        "without it"))
+    return usable
 
 
 # --- test part -----------------------------------------------------------------------------
@@ -274,7 +353,7 @@ def _discover_test(root: Path, train_uids: set[str], problems: list[StudyError])
     folders = _uid_folders(root, "test_images", problems)  # {} without test_images/
     records = []
     for uid in sorted(folders):
-        problem = _image_problem("test_images", uid, folders[uid])
+        problem = _image_problem(root, "test_images", uid, folders[uid])
         if problem is None and uid in train_uids:
             problem = "present in both train_images and test_images; test copy ignored"
         if problem:
@@ -331,14 +410,17 @@ def _uid_folders(root: Path, part: str, problems: list[StudyError]) -> dict[str,
     return entries
 
 
-def _image_problem(part: str, uid: str, entry: os.DirEntry) -> str | None:
-    """Why the image folder of `uid` is unusable, or None. Stops at the first .dcm file found."""
+def _image_problem(root: Path, part: str, uid: str, entry: os.DirEntry) -> str | None:
+    """Why the image folder of `uid` is unusable, or None. Stops at the first file found: any
+    name will do (files need no .dcm extension); the reader decides what is DICOM."""
     if not entry.is_dir():
         return f"{part}/{uid} is not a folder"
+    if not resolves_inside(entry.path, root):
+        return f"{part}/{uid} {OUTSIDE_ROOT}"
     with os.scandir(entry.path) as files:
-        if any(f.name.lower().endswith(".dcm") and f.is_file() for f in files):
+        if any(f.is_file() for f in files):
             return None
-    return f"{part}/{uid} has no .dcm files"
+    return f"{part}/{uid} has no files"
 
 
 def _float_or_none(text: str) -> float | None:

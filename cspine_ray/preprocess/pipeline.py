@@ -18,7 +18,7 @@ import pandas as pd
 from cspine_ray import TARGETS
 from cspine_ray.config import to_dict
 from cspine_ray.io.jpeg2000 import JPEG2000_SYNTAXES
-from cspine_ray.io.rsna import Layout, discover
+from cspine_ray.io.rsna import Layout, discover, resolves_inside
 from cspine_ray.preprocess import shards
 from cspine_ray.preprocess.config import PreprocessConfig
 from cspine_ray.preprocess.folds import assign_folds, fold_summary
@@ -38,6 +38,7 @@ def study_items(layout: Layout) -> list[dict]:
             "study_uid": s.uid,
             "split": s.split,
             "image_dir": str(s.image_dir),
+            "data_root": str(layout.root),  # symlinked slice files must lead inside it
             "segmentation": str(s.segmentation) if s.segmentation else "",
             "fracture_boxes": json.dumps([list(b) for b in s.fracture_boxes]),
         }
@@ -58,7 +59,9 @@ def estimated_cost(item: dict, size: int) -> float:
     import pydicom
 
     try:
-        files = [e.path for e in os.scandir(item["image_dir"]) if e.is_file()]
+        root = item.get("data_root") or item["image_dir"]
+        files = [e.path for e in os.scandir(item["image_dir"])
+                 if e.is_file() and resolves_inside(e.path, root)]  # the reader's symlink policy
         ds = pydicom.dcmread(files[0], stop_before_pixels=True, force=True)
         syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
         shape = (int(ds.Rows), int(ds.Columns))
@@ -133,12 +136,16 @@ def _split_of(reasons: list[str]) -> str:
 
 
 def _layout_failures(layout: Layout) -> tuple[list[dict], dict[str, list[str]]]:
-    """Rows for studies the layout check excluded; notes for studies that go on regardless."""
+    """Rows for studies the layout check excluded (reason: the problems); notes for studies that
+    go on regardless (warnings naming the study, like the reader's)."""
     usable = {s.uid for s in layout.studies}
     excluded: dict[str, list[str]] = {}
     notes: dict[str, list[str]] = {}
     for p in layout.problems:
-        (notes if p.study in usable else excluded).setdefault(p.study, []).append(p.problem)
+        if p.study in usable:
+            notes.setdefault(p.study, []).append(str(p))
+        else:
+            excluded.setdefault(p.study, []).append(p.problem)
     rows = [
         {"study_uid": uid, "split": _split_of(reasons), "status": "failed", "reason": "; ".join(reasons),
          "shard": "", "n_slices": 0, "height": 0, "width": 0, "spacing_z": np.nan,

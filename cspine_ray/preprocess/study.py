@@ -5,6 +5,11 @@ is still at least the shard size, see resample.py), converted to HU and resample
 size before the next is read, and written straight into a memory-mapped .npy file, so a
 768x768x600 study needs the full-resolution label volume at most (when segmented), never the
 full-resolution HU volume.
+
+The images and the labels decide whether a study is usable; its annotations are optional: a
+segmentation that fails its checks, or fracture boxes that do not fit the images, are dropped
+with a warning naming the study, and the study is kept with its labels (has_segmentation False
+in the manifest when the segmentation went).
 """
 
 from __future__ import annotations
@@ -15,14 +20,15 @@ import json
 import logging
 import os
 import shutil
+import traceback
 from pathlib import Path
 
 import numpy as np
 
 from cspine_ray import VERTEBRAE
-from cspine_ray.io.dicom import iter_hu_slices, scan_series
+from cspine_ray.io.dicom import SeriesInfo, iter_hu_slices, scan_series
 from cspine_ray.io.errors import StudyError
-from cspine_ray.io.segmentation import load_segmentation
+from cspine_ray.io.segmentation import AlignedSegmentation, load_segmentation
 from cspine_ray.preprocess import shards
 from cspine_ray.preprocess.config import PreprocessConfig
 from cspine_ray.preprocess.resample import halvings, resize_labels, resize_slices, source_step
@@ -80,10 +86,28 @@ def _chunks(iterable, n):
         yield chunk
 
 
+def _aligned_segmentation(item: dict, info: SeriesInfo, volume: np.ndarray, cfg: PreprocessConfig,
+                          warnings: list[str]) -> AlignedSegmentation | None:
+    """The study's segmentation aligned to its volume, or None (and a warning) when it fails
+    its checks: it is an optional annotation, the study goes on without it."""
+    uid = item["study_uid"]
+    try:
+        seg = load_segmentation(item["segmentation"], info, hu=volume, study=uid,
+                                min_bone_hu=cfg.min_bone_hu)
+    except StudyError as e:
+        message = f"study {uid}: segmentation dropped, the study is kept without it: {e.problem}"
+        log.warning(message)
+        warnings.append(message)
+        return None
+    warnings += seg.warnings
+    return seg
+
+
 def build_shard(item: dict, cfg: PreprocessConfig, final: Path, fingerprint: str) -> dict:
     """Read, resample and write one study's shard atomically; returns its meta. Raises StudyError."""
     uid = item["study_uid"]
-    info = scan_series(item["image_dir"], study=uid)
+    # data_root: where symlinked files must lead (the symlink policy, io/rsna.resolves_inside)
+    info = scan_series(item["image_dir"], study=uid, root=item.get("data_root") or None)
     check_usable(info)
     size = cfg.size
     levels = halvings(info.shape, size)  # 512 px -> 256: read at half resolution, no resize
@@ -102,10 +126,8 @@ def build_shard(item: dict, cfg: PreprocessConfig, final: Path, fingerprint: str
 
         warnings = list(info.warnings)
         seg_meta = None
-        if item.get("segmentation"):
-            seg = load_segmentation(item["segmentation"], info, hu=volume, study=uid,
-                                    min_bone_hu=cfg.min_bone_hu)
-            warnings += seg.warnings
+        seg = _aligned_segmentation(item, info, volume, cfg, warnings) if item.get("segmentation") else None
+        if seg is not None:
             counts = vertebra_pixel_counts(seg.labels)  # at full resolution: exact ratios
             mask = resize_labels(seg.labels, size, levels)
             del seg
@@ -119,7 +141,7 @@ def build_shard(item: dict, cfg: PreprocessConfig, final: Path, fingerprint: str
             info.instance_numbers,
             info.shape,
         )
-        warnings += box_warnings
+        warnings += [f"study {uid}: {w}" for w in box_warnings]
         meta = {
             "study_uid": uid,
             "split": item["split"],
@@ -171,8 +193,9 @@ def process_study(item: dict, cfg: PreprocessConfig, out_dir: str, verify: bool 
     except MemoryError:
         reason = "out of memory while reading the series"
     except Exception as e:  # a reader bug must not kill the run; keep the reason, log the trace
-        log.exception("study %s: unexpected error", uid)
-        reason = f"unexpected {type(e).__name__}: {e}"
+        reason = f"unexpected {type(e).__name__}: {_without_paths(e)}"
+        # the stack only: the message may quote a file name from outside (the reason above does not)
+        log.error("study %s: %s\n%s", uid, reason, "".join(traceback.format_tb(e.__traceback__)))
     else:
         failure_path.unlink(missing_ok=True)
         return result_row(item, meta=meta, reused=False)
@@ -184,6 +207,14 @@ def process_study(item: dict, cfg: PreprocessConfig, out_dir: str, verify: bool 
          "shard_hash": cfg.shard_hash()},
     )
     return result_row(item, reason=reason, reused=False)
+
+
+def _without_paths(error: Exception) -> str:
+    """An unexpected error's text without the file names it may quote (they come from outside
+    and may hold a patient's name): for OSError its reason only."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error)[:300]
 
 
 def result_row(item: dict, meta: dict | None = None, reason: str = "", reused: bool = False) -> dict:

@@ -55,6 +55,9 @@ def cervical_boxes(labels: np.ndarray, min_region_pixels: int = 8) -> np.ndarray
     return boxes
 
 
+BOX_SLACK_PX = 1.0  # CSV boxes are rounded to 0.1 px: a corner this far past the edge still counts as inside
+
+
 def fracture_boxes(
     boxes: tuple[tuple[float, float, float, float, int], ...],
     instance_numbers: tuple[int, ...],
@@ -63,10 +66,18 @@ def fracture_boxes(
     """Map RSNA fracture boxes (x, y, width, height, slice_number) to [z, x0, y0, x1, y1] normalised.
 
     slice_number is an InstanceNumber; the canonical index comes from the series' own numbering.
-    Returns the mapped boxes and warnings for boxes on slices the series does not have.
+    A box on a slice the series does not have is dropped with a warning (the slice may have been
+    skipped). A box that does not lie inside the image (or has no area) says the boxes were
+    made for other images: all of the study's boxes are dropped, with one warning.
     """
     index_of = {n: i for i, n in enumerate(instance_numbers)}
     rows, cols = shape
+    outside = [b for b in boxes if not _inside_image(b, rows, cols)]
+    if outside:
+        x, y, width, height, slice_number = outside[0]
+        return [], [f"fracture box on slice {slice_number} (x {x:g}, y {y:g}, width {width:g}, "
+                    f"height {height:g}) does not lie inside the {rows}x{cols} image; all "
+                    f"{len(boxes)} fracture box(es) of this study dropped"]
     out, warnings = [], []
     for x, y, width, height, slice_number in boxes:
         zi = index_of.get(int(slice_number))
@@ -78,3 +89,10 @@ def fracture_boxes(
         out.append([float(zi), x0, y0, x1, y1])
     out.sort()
     return out, warnings
+
+
+def _inside_image(box: tuple[float, float, float, float, int], rows: int, cols: int) -> bool:
+    """Corners ordered (positive width and height) and within the image, give or take rounding."""
+    x, y, width, height, _ = box
+    return (width > 0 and height > 0 and x >= -BOX_SLACK_PX and y >= -BOX_SLACK_PX
+            and x + width <= cols + BOX_SLACK_PX and y + height <= rows + BOX_SLACK_PX)
