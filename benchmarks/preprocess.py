@@ -454,11 +454,11 @@ BIG_STUDY_CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
 from cspine_ray.preprocess.config import PreprocessConfig
-from cspine_ray.preprocess.study import process_study
+from cspine_ray.preprocess.study import StudyItem, process_study
 base = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 image_dir, seg, out = sys.argv[1], sys.argv[2], sys.argv[3]
-item = {"study_uid": Path(image_dir).name, "split": "train", "image_dir": image_dir,
-        "segmentation": seg, "fracture_boxes": "[]"}
+item = StudyItem(study_uid=Path(image_dir).name, split="train", image_dir=image_dir,
+                 segmentation=seg or None)
 (Path(out) / "studies").mkdir(parents=True)
 t0 = time.perf_counter()
 row = process_study(item, PreprocessConfig(size=256), out)
@@ -466,7 +466,7 @@ seconds = time.perf_counter() - t0
 ru_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 # VmHWM is this process image's own peak; ru_maxrss also counts the parent's RSS at fork time
 peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-print(json.dumps({"status": row["status"], "reason": row["reason"], "slices": row["n_slices"],
+print(json.dumps({"status": row.status, "reason": row.reason, "slices": row.n_slices,
                   "seconds": seconds, "peak_rss": peak, "ru_maxrss": ru_maxrss, "rss_after_imports": base}))
 """
 

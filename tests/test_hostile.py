@@ -256,11 +256,10 @@ def test_an_unexpected_error_quoting_a_file_name_is_recorded_without_it(tmp_path
 
     monkeypatch.setattr(study, "build_shard", broken)
     (tmp_path / "studies").mkdir()
-    item = {"study_uid": "1.2.3", "split": "train", "image_dir": str(tmp_path / "none"),
-            "segmentation": "", "fracture_boxes": "[]"}
+    item = study.StudyItem(study_uid="1.2.3", split="train", image_dir=str(tmp_path / "none"))
     with caplog.at_level(logging.DEBUG):
         row = study.process_study(item, PreprocessConfig(size=32), str(tmp_path))
-    assert row["status"] == "failed" and row["reason"] == "unexpected PermissionError: Permission denied"
+    assert row.status == "failed" and row.reason == "unexpected PermissionError: Permission denied"
     assert "DOE" not in caplog.text
     assert "broken" in caplog.text  # the stack of the bug is still logged
     assert "DOE" not in (tmp_path / "studies" / "1.2.3.failed.json").read_text()

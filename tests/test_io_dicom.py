@@ -27,10 +27,11 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from conftest import REAL_CT
 from cspine_ray.io.dicom import iter_hu_slices, read_series, scan_series
 from cspine_ray.io.errors import StudyError
 
-EXAMPLE = Path("../shared/data/real_ct/totalseg_example/example_ct_dicom")
+EXAMPLE = REAL_CT / "totalseg_example" / "example_ct_dicom"
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 AXIAL_NORMAL_DOWN = (1.0, 0.0, 0.0, 0.0, -1.0, 0.0)  # row x col = (0, 0, -1)
 SAGITTAL = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)  # normal (-1, 0, 0)
@@ -596,13 +597,12 @@ def test_a_study_too_short_for_the_cervical_spine_is_refused(tmp_path):
             check_usable(scan_series(folder))
     # preprocessing records the reason instead of writing a shard
     from cspine_ray.preprocess.config import PreprocessConfig
-    from cspine_ray.preprocess.study import process_study
+    from cspine_ray.preprocess.study import StudyItem, process_study
 
-    item = {"study_uid": "1.2.3", "split": "train", "image_dir": str(tmp_path / "two_slices"),
-            "segmentation": "", "fracture_boxes": "[]"}
+    item = StudyItem(study_uid="1.2.3", split="train", image_dir=str(tmp_path / "two_slices"))
     (tmp_path / "shards" / "studies").mkdir(parents=True)
     row = process_study(item, PreprocessConfig(size=32), str(tmp_path / "shards"))
-    assert row["status"] == "failed" and "too short" in row["reason"]
+    assert row.status == "failed" and "too short" in row.reason
     folder = tmp_path / "enough"
     write_series(folder, axial([3.0 * i for i in range(MIN_SLICES)]))  # 45 mm
     assert 3.0 * (MIN_SLICES - 1) >= MIN_EXTENT_MM

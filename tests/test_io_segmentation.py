@@ -10,11 +10,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import REAL_CT
 from cspine_ray.io.dicom import SeriesInfo, read_series
 from cspine_ray.io.errors import StudyError
 from cspine_ray.io.segmentation import load_segmentation, mean_hu_inside
 
-EXAMPLE = Path("../shared/data/real_ct/totalseg_example")
+EXAMPLE = REAL_CT / "totalseg_example"
 VERTEBRAE_T11_T12 = (32, 33)  # TotalSegmentator v2 ids (T12 = 32, T11 = 33: numbered feet to head)
 # the example's map: 117 classes, vertebrae numbered feet to head
 TOTALSEG = {"max_label": 117, "label_direction": "feet_to_head"}

@@ -23,7 +23,7 @@ from cspine_ray.io.jpeg2000 import decode_reduced, halve, halved_shape, parse_he
 from cspine_ray.preprocess.config import PreprocessConfig
 from cspine_ray.preprocess.resample import halvings, resize_labels, resize_slices, source_step
 from cspine_ray.preprocess.shards import open_shard
-from cspine_ray.preprocess.study import process_study
+from cspine_ray.preprocess.study import StudyItem, process_study
 from cspine_ray.synth import StudySpec, synth_study, write_study
 
 # resolved from this file (tests/conftest.py), not from the directory pytest was started in
@@ -171,13 +171,14 @@ def test_shards_do_not_depend_on_the_transfer_syntax_that_stored_the_study(tmp_p
             spec = dataclasses.replace(base, transfer_syntax=syntax, signed=signed, bits_stored=16 if signed else 12)
             root = tmp_path / f"{syntax}-{signed}"
             write_study(spec, root)
-            item = {"study_uid": spec.uid, "split": "train", "image_dir": str(root / "train_images" / spec.uid),
-                    "segmentation": str(root / "segmentations" / f"{spec.uid}.nii"), "fracture_boxes": "[]"}
+            item = StudyItem(study_uid=spec.uid, split="train",
+                             image_dir=str(root / "train_images" / spec.uid),
+                             segmentation=str(root / "segmentations" / f"{spec.uid}.nii"))
             if syntax == JPEG2000Lossless:  # the fast path is the one under test here
-                assert decode_reduced(dcm(next(Path(item["image_dir"]).iterdir())), 1) is not None
+                assert decode_reduced(dcm(next(Path(item.image_dir).iterdir())), 1) is not None
             row = process_study(item, cfg, str(root / "shards"))
-            assert row["status"] == "ok", row["reason"]
-            shard = open_shard(root / "shards" / row["shard"])
+            assert row.status == "ok", row.reason
+            shard = open_shard(root / "shards" / row.shard)
             volumes[syntax, signed] = np.asarray(shard.volume)
             # the 5/3 band of the true stored values, in HU: one halving takes 128 px to 64
             offset = 0 if signed else 1024
@@ -196,13 +197,15 @@ def test_shards_do_not_depend_on_the_transfer_syntax_that_stored_the_study(tmp_p
 
 
 def test_scheduling_cost_knows_jpeg2000_is_read_at_half_resolution():
+    import dataclasses
+
     from cspine_ray.preprocess.pipeline import estimated_cost
 
-    item = {"image_dir": str(EXAMPLE), "segmentation": ""}
+    item = StudyItem(study_uid="1.2.3", split="test", image_dir=str(EXAMPLE))
     halved, full = estimated_cost(item, 256), estimated_cost(item, 512)  # 512 px JPEG 2000 slices
     assert 0 < halved < full
-    assert estimated_cost(dict(item, segmentation="seg.nii"), 256) > halved
-    assert estimated_cost({"image_dir": "/no/such/folder"}, 256) == 0.0
+    assert estimated_cost(dataclasses.replace(item, segmentation="seg.nii"), 256) > halved
+    assert estimated_cost(dataclasses.replace(item, image_dir="/no/such/folder"), 256) == 0.0
 
 
 def test_a_model_trained_on_older_shards_is_flagged_at_prediction(tmp_path, caplog):
@@ -215,8 +218,11 @@ def test_a_model_trained_on_older_shards_is_flagged_at_prediction(tmp_path, capl
     older, current = tmp_path / "older.json", tmp_path / "current.json"
     older.write_text(json.dumps(settings))  # written before shard_format was recorded (format 2)
     current.write_text(json.dumps(dict(settings, shard_format=SHARD_FORMAT)))
+    same_pixels = tmp_path / "format3.json"  # format 4 added checks, not other pixels
+    same_pixels.write_text(json.dumps(dict(settings, shard_format=3)))
     with caplog.at_level("WARNING"):
         assert load_preprocess_config(current).size == 64
+        assert load_preprocess_config(same_pixels).size == 64
         assert not caplog.records
         assert load_preprocess_config(older).size == 64
     assert "format 2" in caplog.text and f"format {SHARD_FORMAT}" in caplog.text

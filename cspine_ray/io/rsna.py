@@ -1,6 +1,6 @@
 """Find the studies in an RSNA 2022 layout and check its CSV files before anything reads pixels.
 
-A layout root holds (DESIGN.md section 2):
+A layout root holds (docs/ARCHITECTURE.md, "Field facts"):
 
     train.csv                     StudyInstanceUID, patient_overall, C1..C7 (0/1)
     train_bounding_boxes.csv      optional: StudyInstanceUID, x, y, width, height, slice_number

@@ -157,12 +157,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
 
 
-def run(args: argparse.Namespace) -> int:
+def registry_uri(model_uri: str, tracking_uri: str | None) -> str | None:
+    """Where a models:/ URI resolves: the given tracking URI, else the local sqlite store."""
     from cspine_ray.runtime import sqlite_uri
 
-    tracking = args.tracking_uri
-    if tracking is None and args.model.startswith("models:/"):
-        tracking = sqlite_uri(Path("runs") / "mlflow.db")
+    if tracking_uri is None and model_uri.startswith("models:/"):
+        return sqlite_uri(Path("runs") / "mlflow.db")
+    return tracking_uri
+
+
+def run(args: argparse.Namespace) -> int:
+    tracking = registry_uri(args.model, args.tracking_uri)
     table = run_predict(args.model, args.input, args.out, args.wide, args.report_dir, tracking,
                         args.replicas, args.gpus_per_replica, args.batch_size, args.work_dir,
                         args.address)

@@ -15,15 +15,17 @@ from pathlib import Path
 
 from cspine_ray.io.errors import StudyError
 from cspine_ray.preprocess.config import PreprocessConfig
-from cspine_ray.preprocess.shards import SHARD_FORMAT, study_path
-from cspine_ray.preprocess.study import build_shard, source_fingerprint
+from cspine_ray.preprocess.shards import SAME_PIXELS_SINCE, SHARD_FORMAT, study_path
+from cspine_ray.preprocess.study import StudyItem, build_shard, source_fingerprint
 
 log = logging.getLogger(__name__)
 
 
-def _has_dicom(folder: Path) -> bool:
+def _is_one_study(folder: Path) -> bool:
+    """Files and no subfolders: one study's slices (named .dcm or not, as the reader allows)."""
     with os.scandir(folder) as entries:
-        return any(e.is_file() and e.name.lower().endswith(".dcm") for e in entries)
+        visible = [e for e in entries if not e.name.startswith(".")]
+    return any(e.is_file() for e in visible) and not any(e.is_dir() for e in visible)
 
 
 def discover_studies(root: str | Path) -> list[dict]:
@@ -33,12 +35,12 @@ def discover_studies(root: str | Path) -> list[dict]:
         raise FileNotFoundError(f"{root} is not a folder")
     if (root / "test_images").is_dir():
         root = root / "test_images"
-    if _has_dicom(root):
+    if _is_one_study(root):
         folders = [root]
     else:
         folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
-        raise FileNotFoundError(f"{root} holds no study folders (nor .dcm files)")
+        raise FileNotFoundError(f"{root} holds no study folders (nor the files of one study)")
     return [{"study_uid": f.name, "study_dir": str(f.resolve())} for f in folders]
 
 
@@ -52,8 +54,7 @@ def shard_study(item: dict, cfg: PreprocessConfig, work_dir: str) -> dict:
     try:
         if final.exists():
             shutil.rmtree(final)
-        work = {"study_uid": item["study_uid"], "split": "test", "image_dir": item["study_dir"],
-                "segmentation": "", "fracture_boxes": "[]"}
+        work = StudyItem(study_uid=item["study_uid"], split="test", image_dir=item["study_dir"])
         meta = build_shard(work, cfg, final, source_fingerprint(work))
         row["warnings"] = "; ".join(meta["warnings"])
     except StudyError as e:
@@ -72,7 +73,7 @@ def load_preprocess_config(path: str | Path) -> PreprocessConfig:
 
     settings = json.loads(Path(path).read_text())
     trained = settings.get("shard_format", 2)  # files without it predate format 3
-    if trained != SHARD_FORMAT:
+    if trained < SAME_PIXELS_SINCE:  # formats since then shard new studies to the same pixels
         log.warning("the model was trained on shards of format %s, this version writes format %s "
                     "(see SHARD_FORMAT in cspine_ray/preprocess/shards.py): new studies are resampled "
                     "slightly differently; retrain on re-made shards for exact agreement", trained, SHARD_FORMAT)

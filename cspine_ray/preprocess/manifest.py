@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import uuid
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -18,6 +20,48 @@ COLUMNS = [
     "spacing_z", "spacing_y", "spacing_x", *TARGETS, "has_segmentation", "n_fracture_boxes",
     "fold", "checksum", "warnings",
 ]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StudyRow:
+    """What preprocessing records about one study: its shard (when ok) or why it failed.
+    Labels and folds are joined by the pipeline; `reused` is dropped before writing."""
+
+    study_uid: str
+    split: str
+    status: str                 # "ok" | "failed"
+    reason: str = ""
+    shard: str = ""             # relative to the shard set: studies/<uid>
+    n_slices: int = 0
+    height: int = 0
+    width: int = 0
+    spacing_z: float = math.nan
+    spacing_y: float = math.nan
+    spacing_x: float = math.nan
+    has_segmentation: bool = False
+    n_fracture_boxes: int = 0
+    checksum: str = ""
+    warnings: str = ""
+    reused: bool = False        # served by an earlier run's shard or recorded failure
+
+    @classmethod
+    def failed(cls, uid: str, split: str, reason: str, reused: bool = False) -> StudyRow:
+        return cls(study_uid=uid, split=split, status="failed", reason=reason, reused=reused)
+
+    @classmethod
+    def from_meta(cls, meta: dict, shard: str, reused: bool = False) -> StudyRow:
+        """The row of a finished shard, from its meta.json."""
+        (n, height, width), spacing = meta["shape"], meta["spacing"]
+        return cls(study_uid=meta["study_uid"], split=meta["split"], status="ok", shard=shard,
+                   n_slices=int(n), height=int(height), width=int(width),
+                   spacing_z=float(spacing[0]), spacing_y=float(spacing[1]),
+                   spacing_x=float(spacing[2]), has_segmentation=bool(meta["has_segmentation"]),
+                   n_fracture_boxes=len(meta["fracture_boxes"]), checksum=meta["checksum"],
+                   warnings="; ".join(meta["warnings"]), reused=reused)
+
+    def to_dict(self) -> dict:
+        """A flat, Arrow-friendly row (what a Ray Data task returns)."""
+        return asdict(self)
 
 
 def write_manifest(df: pd.DataFrame, out_dir: str | Path) -> Path:

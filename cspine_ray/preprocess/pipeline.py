@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from cspine_ray import TARGETS
@@ -22,26 +22,22 @@ from cspine_ray.io.rsna import Layout, discover, resolves_inside
 from cspine_ray.preprocess import shards
 from cspine_ray.preprocess.config import PreprocessConfig
 from cspine_ray.preprocess.folds import assign_folds, fold_summary
-from cspine_ray.preprocess.manifest import manifest_hash, read_manifest, write_manifest
+from cspine_ray.preprocess.manifest import StudyRow, manifest_hash, read_manifest, write_manifest
 from cspine_ray.preprocess.resample import halvings
-from cspine_ray.preprocess.study import process_study
+from cspine_ray.preprocess.study import StudyItem, process_study
 
 log = logging.getLogger(__name__)
 
 SETTINGS = "preprocess.json"
 
 
-def study_items(layout: Layout) -> list[dict]:
-    """One plain, serialisable work item per usable study."""
+def study_items(layout: Layout) -> list[StudyItem]:
+    """One work item per usable study."""
     return [
-        {
-            "study_uid": s.uid,
-            "split": s.split,
-            "image_dir": str(s.image_dir),
-            "data_root": str(layout.root),  # symlinked slice files must lead inside it
-            "segmentation": str(s.segmentation) if s.segmentation else "",
-            "fracture_boxes": json.dumps([list(b) for b in s.fracture_boxes]),
-        }
+        StudyItem(study_uid=s.uid, split=s.split, image_dir=str(s.image_dir),
+                  data_root=str(layout.root),  # symlinked slice files must lead inside it
+                  segmentation=str(s.segmentation) if s.segmentation else None,
+                  fracture_boxes=tuple(tuple(b) for b in s.fracture_boxes))
         for s in layout.studies
     ]
 
@@ -54,13 +50,13 @@ _REDUCED_JPEG2000_COST = 5.5  # JPEG 2000 decoded at half resolution (io/jpeg200
 _SEGMENTATION_COST = 1.2      # reading, aligning and resampling the labels
 
 
-def estimated_cost(item: dict, size: int) -> float:
+def estimated_cost(item: StudyItem, size: int) -> float:
     """Rough CPU cost of a study (slices x pixels x decoder cost) from one header; 0 if unreadable."""
     import pydicom
 
     try:
-        root = item.get("data_root") or item["image_dir"]
-        files = [e.path for e in os.scandir(item["image_dir"])
+        root = item.data_root or item.image_dir
+        files = [e.path for e in os.scandir(item.image_dir)
                  if e.is_file() and resolves_inside(e.path, root)]  # the reader's symlink policy
         ds = pydicom.dcmread(files[0], stop_before_pixels=True, force=True)
         syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
@@ -70,12 +66,12 @@ def estimated_cost(item: dict, size: int) -> float:
     per_pixel = _SYNTAX_COST.get(syntax, 1.0)
     if syntax in JPEG2000_SYNTAXES and halvings(shape, size):
         per_pixel = _REDUCED_JPEG2000_COST
-    if item.get("segmentation"):
+    if item.segmentation:
         per_pixel += _SEGMENTATION_COST
     return len(files) * shape[0] * shape[1] * per_pixel
 
 
-def estimated_costs(items: list[dict], size: int) -> list[float]:
+def estimated_costs(items: list[StudyItem], size: int) -> list[float]:
     """estimated_cost of each item, read in Ray tasks: the header of a study is a file from
     outside, so it is parsed on a worker, never in the driver (on a cluster the driver runs on
     the head, which holds the autoscaler's AWS rights)."""
@@ -89,7 +85,7 @@ def estimated_costs(items: list[dict], size: int) -> list[float]:
 _COST_CHUNK = 64  # headers per task: one task costs about as much as 20 header reads
 
 
-def _chunk_costs(chunk: list[dict], size: int) -> list[float]:
+def _chunk_costs(chunk: list[StudyItem], size: int) -> list[float]:
     return [estimated_cost(item, size) for item in chunk]
 
 
@@ -109,7 +105,13 @@ def check_settings(out: Path, cfg: PreprocessConfig, source: Path) -> None:
     )
 
 
-def _run_tasks(items: list[dict], cfg: PreprocessConfig, out: Path, verify: bool) -> list[dict]:
+def process_study_row(row: dict, cfg: PreprocessConfig, out_dir: str, verify: bool) -> dict:
+    """Ray Data's side of process_study: a row holding a pickled StudyItem in (Arrow has no
+    column type for it), a flat StudyRow out."""
+    return process_study(pickle.loads(row["item"]), cfg, out_dir, verify).to_dict()
+
+
+def _run_tasks(items: list[StudyItem], cfg: PreprocessConfig, out: Path, verify: bool) -> list[dict]:
     import ray
 
     if not items:
@@ -120,9 +122,10 @@ def _run_tasks(items: list[dict], cfg: PreprocessConfig, out: Path, verify: bool
     costs = estimated_costs(items, cfg.size)
     # longest first: no lone straggler at the end
     items = [item for _, item in sorted(zip(costs, items), key=lambda pair: -pair[0])]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    rows = [{"study_uid": item.study_uid, "item": pickle.dumps(item)} for item in items]
+    ds = ray.data.from_items(rows, override_num_blocks=len(items))
     ds = ds.map(
-        process_study,
+        process_study_row,
         fn_kwargs={"cfg": cfg, "out_dir": str(out), "verify": verify},
         num_cpus=1,
         memory=int(cfg.memory_per_task_gb * 2**30),
@@ -146,13 +149,8 @@ def _layout_failures(layout: Layout) -> tuple[list[dict], dict[str, list[str]]]:
             notes.setdefault(p.study, []).append(str(p))
         else:
             excluded.setdefault(p.study, []).append(p.problem)
-    rows = [
-        {"study_uid": uid, "split": _split_of(reasons), "status": "failed", "reason": "; ".join(reasons),
-         "shard": "", "n_slices": 0, "height": 0, "width": 0, "spacing_z": np.nan,
-         "spacing_y": np.nan, "spacing_x": np.nan, "has_segmentation": False,
-         "n_fracture_boxes": 0, "checksum": "", "warnings": "", "reused": False}
-        for uid, reasons in excluded.items()
-    ]
+    rows = [StudyRow.failed(uid, _split_of(reasons), "; ".join(reasons)).to_dict()
+            for uid, reasons in excluded.items()]
     return rows, notes
 
 
@@ -182,15 +180,15 @@ def run_preprocess(data: str | Path, out: str | Path, cfg: PreprocessConfig | No
     data, out = Path(data), Path(out)
     layout = discover(data)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "studies").mkdir(exist_ok=True)
+    (out / shards.STUDIES).mkdir(exist_ok=True)
     check_settings(out, cfg, data)
-    stale = shards.remove_stale_tmp(out / "studies")
+    stale = shards.remove_stale_tmp(out / shards.STUDIES)
     if stale:
         log.info("removed %d half-written shard(s) left by an interrupted run", stale)
 
     items = study_items(layout)
     log.info("preprocessing %d studies from %s into %s (%d excluded by the layout check)",
-             len(items), data, out, len({p.study for p in layout.problems} - {i["study_uid"] for i in items}))
+             len(items), data, out, len({p.study for p in layout.problems} - {i.study_uid for i in items}))
     init_ray(address=address, num_cpus=num_cpus, dashboard=dashboard)
     rows = _run_tasks(items, cfg, out, verify)
     failed_rows, notes = _layout_failures(layout)

@@ -33,7 +33,10 @@ from cspine_ray.io.rsna import check_uid
 from cspine_ray.preprocess.manifest import manifest_hash, read_manifest, usable
 
 STUDIES = "studies"  # the folder of the shards inside a shard set
-SHARD_FORMAT = 3  # 2: Pillow resampling (values may differ from format 1 by 1 HU); 3: 5/3 halvings first
+# 2: Pillow resampling (values may differ from format 1 by 1 HU); 3: 5/3 halvings first;
+# 4: the segmentation and box checks of issue 12 (pixels as in 3; masks that fail are dropped)
+SHARD_FORMAT = 4
+SAME_PIXELS_SINCE = 3  # new studies shard to the same pixels for models trained on formats >= 3
 ARRAYS = ("volume", "mask", "ratio", "box")
 META = "meta.json"
 TMP_PREFIX = ".tmp-"

@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from cspine_ray.io.errors import StudyError
 from cspine_ray.io.segmentation import AlignedSegmentation, load_segmentation
 from cspine_ray.preprocess import shards
 from cspine_ray.preprocess.config import PreprocessConfig
+from cspine_ray.preprocess.manifest import StudyRow
 from cspine_ray.preprocess.resample import halvings, resize_labels, resize_slices, source_step
 from cspine_ray.preprocess.targets import (
     cervical_boxes,
@@ -42,16 +44,28 @@ from cspine_ray.preprocess.targets import (
 log = logging.getLogger(__name__)
 
 
-def source_fingerprint(item: dict) -> str:
+@dataclass(frozen=True)
+class StudyItem:
+    """One study's work for a preprocessing (or prediction) task: its files and annotations."""
+
+    study_uid: str
+    split: str                                   # "train" | "test"
+    image_dir: str
+    data_root: str | None = None                 # symlinked files must resolve inside it
+    segmentation: str | None = None
+    fracture_boxes: tuple[tuple[float, ...], ...] = ()   # io/rsna.Box fields, by slice
+
+
+def source_fingerprint(item: StudyItem) -> str:
     """Cheap identity of a study's inputs (file names, sizes, mtimes; segmentation; boxes)."""
     h = hashlib.sha256()
-    image_dir = Path(item["image_dir"])
+    image_dir = Path(item.image_dir)
     if image_dir.is_dir():
         for entry in sorted(os.scandir(image_dir), key=lambda e: e.name):
             h.update(f"{entry.name}\0{_stat_key(entry.path)}\n".encode())
-    if item.get("segmentation"):
-        h.update(f"seg\0{_stat_key(item['segmentation'])}\n".encode())
-    h.update(item.get("fracture_boxes", "[]").encode())
+    if item.segmentation:
+        h.update(f"seg\0{_stat_key(item.segmentation)}\n".encode())
+    h.update(json.dumps([list(b) for b in item.fracture_boxes]).encode())
     return h.hexdigest()[:32]
 
 
@@ -86,13 +100,13 @@ def _chunks(iterable, n):
         yield chunk
 
 
-def _aligned_segmentation(item: dict, info: SeriesInfo, volume: np.ndarray, cfg: PreprocessConfig,
+def _aligned_segmentation(item: StudyItem, info: SeriesInfo, volume: np.ndarray, cfg: PreprocessConfig,
                           warnings: list[str]) -> AlignedSegmentation | None:
     """The study's segmentation aligned to its volume, or None (and a warning) when it fails
     its checks: it is an optional annotation, the study goes on without it."""
-    uid = item["study_uid"]
+    uid = item.study_uid
     try:
-        seg = load_segmentation(item["segmentation"], info, hu=volume, study=uid,
+        seg = load_segmentation(item.segmentation, info, hu=volume, study=uid,
                                 min_bone_hu=cfg.min_bone_hu)
     except StudyError as e:
         message = f"study {uid}: segmentation dropped, the study is kept without it: {e.problem}"
@@ -103,11 +117,11 @@ def _aligned_segmentation(item: dict, info: SeriesInfo, volume: np.ndarray, cfg:
     return seg
 
 
-def build_shard(item: dict, cfg: PreprocessConfig, final: Path, fingerprint: str) -> dict:
+def build_shard(item: StudyItem, cfg: PreprocessConfig, final: Path, fingerprint: str) -> dict:
     """Read, resample and write one study's shard atomically; returns its meta. Raises StudyError."""
-    uid = item["study_uid"]
+    uid = item.study_uid
     # data_root: where symlinked files must lead (the symlink policy, io/rsna.resolves_inside)
-    info = scan_series(item["image_dir"], study=uid, root=item.get("data_root") or None)
+    info = scan_series(item.image_dir, study=uid, root=item.data_root)
     check_usable(info)
     size = cfg.size
     levels = halvings(info.shape, size)  # 512 px -> 256: read at half resolution, no resize
@@ -126,7 +140,7 @@ def build_shard(item: dict, cfg: PreprocessConfig, final: Path, fingerprint: str
 
         warnings = list(info.warnings)
         seg_meta = None
-        seg = _aligned_segmentation(item, info, volume, cfg, warnings) if item.get("segmentation") else None
+        seg = _aligned_segmentation(item, info, volume, cfg, warnings) if item.segmentation else None
         if seg is not None:
             counts = vertebra_pixel_counts(seg.labels)  # at full resolution: exact ratios
             mask = resize_labels(seg.labels, size, levels)
@@ -137,14 +151,14 @@ def build_shard(item: dict, cfg: PreprocessConfig, final: Path, fingerprint: str
             seg_meta = {"vertebrae_present": [v for v, c in zip(VERTEBRAE, counts.sum(0)) if c > 0]}
 
         boxes, box_warnings = fracture_boxes(
-            tuple(tuple(b) for b in json.loads(item.get("fracture_boxes", "[]"))),
+            item.fracture_boxes,
             info.instance_numbers,
             info.shape,
         )
         warnings += [f"study {uid}: {w}" for w in box_warnings]
         meta = {
             "study_uid": uid,
-            "split": item["split"],
+            "split": item.split,
             "shape": [len(info.files), size, size],
             "source_shape": list(info.shape),
             "spacing": [info.spacing[0], info.spacing[1] * source_step(info.shape[0], size, levels),
@@ -166,23 +180,25 @@ def build_shard(item: dict, cfg: PreprocessConfig, final: Path, fingerprint: str
         raise
 
 
-def process_study(item: dict, cfg: PreprocessConfig, out_dir: str, verify: bool = False) -> dict:
+def process_study(item: StudyItem, cfg: PreprocessConfig, out_dir: str,
+                  verify: bool = False) -> StudyRow:
     """Shard one study, reusing a finished shard or recorded failure from an earlier run.
 
     Never raises for bad input: the failure is recorded (with its reason) and returned as a row.
     """
-    uid = item["study_uid"]
-    studies_dir = Path(out_dir) / "studies"
-    final = studies_dir / uid
+    uid = item.study_uid
+    final = shards.study_path(out_dir, uid)
+    studies_dir = final.parent
+    shard = f"{shards.STUDIES}/{uid}"
     failure_path = studies_dir / f"{uid}.failed.json"
     fingerprint = source_fingerprint(item)
     meta = shards.reusable_meta(final, cfg.shard_hash(), fingerprint, verify=verify)
     if meta is not None:
-        return result_row(item, meta=meta, reused=True)
+        return StudyRow.from_meta(meta, shard, reused=True)
     try:
         failure = json.loads(failure_path.read_text())
         if failure.get("source_fingerprint") == fingerprint and failure.get("shard_hash") == cfg.shard_hash():
-            return result_row(item, reason=failure["reason"], reused=True)
+            return StudyRow.failed(uid, item.split, failure["reason"], reused=True)
     except (OSError, ValueError):
         pass
 
@@ -198,7 +214,7 @@ def process_study(item: dict, cfg: PreprocessConfig, out_dir: str, verify: bool 
         log.error("study %s: %s\n%s", uid, reason, "".join(traceback.format_tb(e.__traceback__)))
     else:
         failure_path.unlink(missing_ok=True)
-        return result_row(item, meta=meta, reused=False)
+        return StudyRow.from_meta(meta, shard)
 
     log.warning("study %s: %s", uid, reason)
     shards.write_json_atomic(
@@ -206,7 +222,7 @@ def process_study(item: dict, cfg: PreprocessConfig, out_dir: str, verify: bool 
         {"study_uid": uid, "reason": reason, "source_fingerprint": fingerprint,
          "shard_hash": cfg.shard_hash()},
     )
-    return result_row(item, reason=reason, reused=False)
+    return StudyRow.failed(uid, item.split, reason)
 
 
 def _without_paths(error: Exception) -> str:
@@ -215,28 +231,3 @@ def _without_paths(error: Exception) -> str:
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
     return str(error)[:300]
-
-
-def result_row(item: dict, meta: dict | None = None, reason: str = "", reused: bool = False) -> dict:
-    """The per-study result a task returns (flat, Arrow-friendly); labels are joined later."""
-    ok = meta is not None
-    spacing = meta["spacing"] if ok else [np.nan] * 3
-    shape = meta["shape"] if ok else [0, 0, 0]
-    return {
-        "study_uid": item["study_uid"],
-        "split": item["split"],
-        "status": "ok" if ok else "failed",
-        "reason": reason,
-        "shard": f"studies/{item['study_uid']}" if ok else "",
-        "n_slices": int(shape[0]),
-        "height": int(shape[1]),
-        "width": int(shape[2]),
-        "spacing_z": float(spacing[0]),
-        "spacing_y": float(spacing[1]),
-        "spacing_x": float(spacing[2]),
-        "has_segmentation": bool(ok and meta["has_segmentation"]),
-        "n_fracture_boxes": len(meta["fracture_boxes"]) if ok else 0,
-        "checksum": meta["checksum"] if ok else "",
-        "warnings": "; ".join(meta["warnings"]) if ok else "",
-        "reused": reused,
-    }

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-N_VERTEBRAE = 7
+from cspine_ray import N_VERTEBRAE
+
 
 
 def vertebra_pixel_counts(labels: np.ndarray) -> np.ndarray:
