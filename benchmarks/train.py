@@ -55,41 +55,58 @@ def prepare(args) -> tuple[Path, TrainConfig, Path]:
     return shards, cfg, stage1.path
 
 
-def plain_loop(shards: Path, cfg: TrainConfig, stage1: Path, threads: int) -> dict:
-    """The baseline: a hand-written PyTorch loop over fold 0's training studies."""
+def plain_loop(shards: Path, cfg: TrainConfig, stage1: Path | None, threads: int,
+               task_name: str | None = None, device: str = "cpu") -> dict:
+    """The baseline: a hand-written PyTorch loop over fold 0's training studies (bf16
+    autocast on a GPU when the config asks for mixed precision, as is usual)."""
+    import contextlib
+
     from cspine_ray.train.tasks import JobData, make_task
 
     torch.set_num_threads(threads)
+    device = torch.device(device)
     data = JobData.load(shards, stage1)
-    task = make_task(cfg.family, cfg, data)
+    task = make_task(task_name or cfg.family, cfg, data)
+    optim = task.optim()
     train_uids, _ = task.split(0)
     torch.manual_seed(0)
-    model = task.build_model()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    gen = torch.Generator().manual_seed(0)
+    model = task.build_model().to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+    gen = torch.Generator(device=device).manual_seed(0)
+    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and optim.amp
+           else contextlib.nullcontext())
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     rates, waits = [], []
-    for epoch in range(cfg.optim.epochs):
+    for epoch in range(optim.epochs):
         loader = torch.utils.data.DataLoader(task.train_dataset(train_uids, epoch, 0),
-                                             batch_size=cfg.optim.batch_size, shuffle=True,
-                                             num_workers=cfg.input.loader_workers, drop_last=True)
+                                             batch_size=optim.batch_size, shuffle=True,
+                                             num_workers=cfg.input.loader_workers, drop_last=True,
+                                             pin_memory=device.type == "cuda")
         model.train()
         seen, waited = 0, 0.0
         start = tick = time.perf_counter()
         for batch in loader:
             waited += time.perf_counter() - tick
-            loss = task.loss(model, batch, gen)
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                     for k, v in batch.items()}
+            with amp:
+                loss = task.loss(model, batch, gen)
             opt.zero_grad()
             loss.backward()
             opt.step()
             seen += len(batch["uid"])
             tick = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start
         rates.append(seen / elapsed)
         waits.append(waited / elapsed)
-    return {"samples_per_second": rates, "data_wait": waits}
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return {"samples_per_second": rates, "data_wait": waits, "gpu_memory_gb": peak}
 
 
-def ray_train(shards: Path, cfg: TrainConfig, stage1: Path) -> dict:
+def ray_train(shards: Path, cfg: TrainConfig, stage1: Path | None, task_name: str | None = None) -> dict:
     from cspine_ray.train.job import _fit
     from cspine_ray.train.loop import fold_file
     from cspine_ray.train.result import torch_load
@@ -97,13 +114,15 @@ def ray_train(shards: Path, cfg: TrainConfig, stage1: Path) -> dict:
 
     storage = Path(tempfile.mkdtemp(prefix="bench-train-"))
     start = time.perf_counter()
-    result = _fit(cfg.family, cfg, JobData.load(shards), storage, "bench", stage1, [], None)
+    result = _fit(task_name or cfg.family, cfg, JobData.load(shards), storage, "bench", stage1, [],
+                  None)
     wall = time.perf_counter() - start
     with result.checkpoint.as_directory() as folder:
         history = torch_load(Path(folder) / fold_file(0, "state.pt"))["history"]
     return {"samples_per_second": [h["fold_0_samples_per_second"] for h in history],
             "data_wait": [h["fold_0_data_wait_fraction"] for h in history],
             "train_seconds": sum(h["fold_0_train_seconds"] + h["fold_1_train_seconds"] for h in history),
+            "gpu_memory_gb": max(h.get("fold_0_gpu_memory_gb", float("nan")) for h in history),
             "wall": wall}
 
 

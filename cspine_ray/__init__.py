@@ -3,6 +3,7 @@
 The package follows the data flow, one stage per package or module:
 
     io -> synth (demo data) -> preprocess -> datasets -> models -> train -> tune -> promote -> predict
+    -> serve
 
 `metric` holds the competition metric every stage reports.
 """

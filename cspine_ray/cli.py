@@ -21,6 +21,7 @@ STEPS = {
     "tune": ("cspine_ray.tune.cli", "search families and hyperparameters (Ray Tune + Optuna + MLflow)"),
     "promote": ("cspine_ray.promote", "register the best ensemble; move @champion if it wins"),
     "predict": ("cspine_ray.predict.cli", "predict new studies with a registered ensemble (Ray Data)"),
+    "serve": ("cspine_ray.serve.cli", "serve the champion over HTTP (Ray Serve)"),
 }
 
 
@@ -42,11 +43,14 @@ def step_main(module_name: str, description: str, argv: list[str] | None = None,
     module.add_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    from cspine_ray.io.errors import LayoutError
     from cspine_ray.train.placement import PlacementError
 
     try:
         return int(module.run(args) or 0)
-    except PlacementError as e:  # a request the cluster can never hold: say why, no traceback
+    except (PlacementError, LayoutError) as e:
+        # a request the cluster can never hold, an input file nothing can be read from:
+        # one line that says why (LayoutError names the file), no traceback
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
 

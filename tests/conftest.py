@@ -74,3 +74,10 @@ def tiny_shards(tmp_path_factory, tiny_dataset, ray_local) -> Path:
     out = tmp_path_factory.mktemp("shards") / "shards"
     run_preprocess(tiny_dataset, out, PreprocessConfig(size=64, n_folds=2))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory) -> Path:
+    """One run storage for the session: a result trained by one module (same settings, same
+    shards, same key) is reused by the next, as a user's second job would."""
+    return tmp_path_factory.mktemp("runs")

@@ -31,8 +31,8 @@ def tiny(family: str, **changes) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def storage(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("runs")
+def storage(tiny_runs) -> Path:
+    return tiny_runs
 
 
 @pytest.mark.parametrize("family", ["two_stage", "cnn3d", "single_head", "multi_head"])
@@ -59,7 +59,7 @@ def test_family_trains_on_fold_workers_and_exports(family, tiny_shards, storage,
     models = load_fold_models(result, torch.device("cpu"))
     for fold, model in enumerate(models):
         uids = data.fold_uids(fold)
-        again = task.predict(model, uids, torch.device("cpu"))
+        again = task.predict([model], uids, torch.device("cpu"))
         expected = oof.set_index("study_uid").loc[uids, list(again.columns)]
         np.testing.assert_allclose(again.loc[uids].to_numpy(), expected.to_numpy(), atol=1e-6)
 
@@ -181,7 +181,7 @@ def test_stage1_tables_of_training_studies_are_out_of_fold(tiny_shards, storage,
     task = make_task("locator", cfg, data)
     models = load_fold_models(stage1, torch.device("cpu"))
     for uid in data.uids:
-        own, other = (task.predict_tables(models[f], [uid], torch.device("cpu"))[uid]
+        own, other = (task.predict_tables([models[f]], [uid], torch.device("cpu"))[uid]
                       for f in (data.folds[uid], 1 - data.folds[uid]))
         np.testing.assert_allclose(data.slice_tables[uid], own, atol=1e-5)
         assert not np.allclose(data.slice_tables[uid], other, atol=1e-5), uid
@@ -196,7 +196,7 @@ def test_two_stage_validation_falls_back_to_the_prior_of_the_other_studies(tiny_
     data.slice_tables = nothing
     task = make_task("two_stage", cfg, data)
     held_out = data.fold_uids(0)
-    preds = task.predict(task.build_model(), held_out, torch.device("cpu"))
+    preds = task.predict([task.build_model()], held_out, torch.device("cpu"))
     others = [u for u in data.uids if u not in held_out]
     # by hand: the prevalence of each vertebra among the OTHER studies, clipped to [0.01, 0.99]
     expected = np.clip(np.mean([data.labels[u][:7] for u in others], axis=0), 0.01, 0.99)
@@ -207,22 +207,51 @@ def test_two_stage_validation_falls_back_to_the_prior_of_the_other_studies(tiny_
                                    rtol=1e-6)
 
 
-def test_the_ensemble_is_the_mean_of_its_fold_models(tiny_shards, storage, ray_local):
+@pytest.mark.parametrize("family", ["cnn3d", "single_head", "multi_head", "two_stage"])
+def test_the_one_pass_ensemble_is_the_mean_of_its_fold_models(family, tiny_shards, storage,
+                                                              ray_local):
+    """Ensemble.predict runs each batch through every fold model; the same figures must come
+    out of the plain loop: each fold model alone over the data, then the mean by hand."""
     from cspine_ray.predict.ensemble import Ensemble
+    from cspine_ray.train.tasks.base import Studies, to_targets
 
-    cfg = tiny("cnn3d")
+    cfg = tiny(family)
     result = train(cfg, tiny_shards, storage)  # reused from the export test when it ran
-    data = JobData.load(tiny_shards)
-    uids = data.uids[:4]
+    ensemble = Ensemble.load(result.path, device="cpu")
+    uids = JobData.load(tiny_shards).uids[:4]
     cpu = torch.device("cpu")
-    task = make_task("cnn3d", cfg, data)
-    per_fold = [task.predict(m, uids, cpu).loc[uids].to_numpy(float)
-                for m in load_fold_models(result, cpu)]
-    assert not np.allclose(per_fold[0], per_fold[1])   # two different models to average
-    targets, _ = Ensemble.load(result.path, device="cpu").predict(tiny_shards, uids)
-    # cnn3d: C1..C7 and its own patient output, each the plain mean of the two fold models
-    np.testing.assert_allclose(targets.loc[uids].to_numpy(float),
-                               (per_fold[0] + per_fold[1]) / 2, rtol=1e-6)
+    tables = {}
+    if ensemble.stage1_models:  # stage 1 fold by fold, averaged by hand
+        locator = make_task("locator", ensemble.stage1.config, Studies(str(tiny_shards)))
+        runs = [locator.predict_tables([m], uids, cpu) for m in ensemble.stage1_models]
+        tables = {u: (runs[0][u] + runs[1][u]) / 2 for u in uids}
+    task = make_task(family, cfg, Studies(str(tiny_shards), tables))
+    extra = {"prior": ensemble.prior} if family == "two_stage" else {}
+    per_fold = [task.predict([m], uids, cpu, **extra).loc[uids] for m in ensemble.models]
+    if family != "two_stage":  # (two_stage: see below)
+        assert not np.allclose(per_fold[0].to_numpy(float), per_fold[1].to_numpy(float))
+    expected = to_targets((per_fold[0] + per_fold[1]) / 2, ensemble.top_n)
+
+    targets, got_tables = ensemble.predict(tiny_shards, uids)
+    np.testing.assert_allclose(targets.loc[uids].to_numpy(float), expected.to_numpy(float),
+                               rtol=1e-5, atol=1e-6)
+    for uid in tables:
+        np.testing.assert_allclose(got_tables[uid], tables[uid], rtol=1e-5, atol=1e-6)
+    if family == "two_stage":
+        # the tiny stage 1 may find no vertebra (then every fold answers the prior): check the
+        # stage-2 pass again on the segmented studies' true slice tables, where all are found
+        from cspine_ray.datasets import shard_slice_tables
+
+        data = JobData.load(tiny_shards)
+        segmented = sorted(data.segmented)[:4]
+        truth = Studies(str(tiny_shards), shard_slice_tables(tiny_shards, segmented))
+        task = make_task(family, cfg, truth)
+        alone = [task.predict([m], segmented, cpu, prior=ensemble.prior) for m in ensemble.models]
+        assert not np.allclose(alone[0].to_numpy(float), alone[1].to_numpy(float))
+        together = task.predict(ensemble.models, segmented, cpu, prior=ensemble.prior)
+        np.testing.assert_allclose(together.loc[segmented].to_numpy(float),
+                                   ((alone[0] + alone[1]) / 2).loc[segmented].to_numpy(float),
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_two_concurrent_jobs_for_one_result_train_it_once(tiny_shards, tmp_path, ray_local):

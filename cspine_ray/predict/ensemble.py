@@ -6,6 +6,8 @@
 Study probabilities are the mean of the fold models' (as the thesis averages its 5 folds);
 patient_overall follows the result's top-N rule (or the one given). The two-stage and 2D
 families first run the stage-1 fold models (their slice tables averaged) on the same shards.
+Each stage is one pass over the data: every batch of slices (or of vertebra crops), spanning
+studies, is read once and run through all fold models (`Task.predict` takes the model list).
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ import pandas as pd
 import torch
 from torch import nn
 
-from cspine_ray import TARGETS
+from cspine_ray import N_VERTEBRAE, TARGETS
+from cspine_ray.datasets.sequences import smooth_ratios
 from cspine_ray.models import create_model
 from cspine_ray.train.result import TrainResult, load_result
-from cspine_ray.train.tasks import JobData, make_task
-from cspine_ray.train.tasks.base import to_targets
+from cspine_ray.train.tasks import make_task
+from cspine_ray.train.tasks.base import Studies, to_targets
 
 log = logging.getLogger(__name__)
 
@@ -70,29 +73,33 @@ class Ensemble:
         """Training prevalence of each target: the answer for a study that cannot be read."""
         return np.asarray(self.result.info.prior, dtype=np.float64)
 
-    def _data(self, shards_dir: str | Path, uids: list[str], tables: dict) -> JobData:
-        return JobData(shards_dir=str(shards_dir), uids=list(uids), folds={u: 0 for u in uids},
-                       labels={}, segmented=set(), slice_tables=tables)
-
     @torch.no_grad()
     def slice_tables(self, shards_dir: str | Path, uids: list[str]) -> dict[str, np.ndarray]:
-        """Stage-1 ratio + box per slice, averaged over the stage-1 fold models."""
+        """Stage-1 ratio + box per slice, averaged over the stage-1 fold models (one pass)."""
         if not self.stage1_models:
             return {}
-        task = make_task("locator", self.stage1.config, self._data(shards_dir, uids, {}))
-        runs = [task.predict_tables(m, uids, self.device) for m in self.stage1_models]
-        return {u: np.mean([r[u] for r in runs], axis=0).astype(np.float32) for u in uids}
+        task = make_task("locator", self.stage1.config, Studies(str(shards_dir)))
+        return task.predict_tables(self.stage1_models, uids, self.device)
 
     @torch.no_grad()
     def predict(self, shards_dir: str | Path, uids: list[str]) -> tuple[pd.DataFrame, dict]:
         """(index study_uid x TARGETS probabilities, stage-1 slice tables) for sharded studies."""
         uids = list(uids)
         tables = self.slice_tables(shards_dir, uids)
-        task = make_task(self.result.family, self.result.config, self._data(shards_dir, uids, tables))
+        task = make_task(self.result.family, self.result.config, Studies(str(shards_dir), tables))
         kwargs = {"prior": self.prior} if self.result.family == "two_stage" else {}
-        folds = [task.predict(m, uids, self.device, **kwargs) for m in self.models]
-        mean = sum(f.loc[uids] for f in folds) / len(folds)
-        return to_targets(mean, self.top_n), tables
+        mean = task.predict(self.models, uids, self.device, **kwargs)
+        return to_targets(mean.loc[uids], self.top_n), tables
+
+    def predict_with_found(self, shards_dir: str | Path,
+                           uids: list[str]) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+        """predict's probabilities, and per study which vertebrae stage 1 saw (7 bools: the
+        smoothed ratio passes the threshold somewhere); no entry without a stage 1."""
+        probs, tables = self.predict(shards_dir, uids)
+        seq = self.result.config.sequence
+        found = {u: (smooth_ratios(t[:, :N_VERTEBRAE], seq.smooth) > seq.threshold).any(0)
+                 for u, t in tables.items()}
+        return probs, found
 
     def prior_row(self) -> pd.Series:
         return pd.Series(self.prior, index=list(TARGETS))

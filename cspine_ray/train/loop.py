@@ -103,12 +103,15 @@ class FoldRun:
             count += n
             tick = time.perf_counter()
         elapsed = time.perf_counter() - start
-        return {"train_loss": total / max(count, 1), "train_seconds": elapsed,
-                "data_wait_fraction": waited / elapsed if elapsed > 0 else 0.0,
-                "samples_per_second": count / elapsed if elapsed > 0 else 0.0}
+        figures = {"train_loss": total / max(count, 1), "train_seconds": elapsed,
+                   "data_wait_fraction": waited / elapsed if elapsed > 0 else 0.0,
+                   "samples_per_second": count / elapsed if elapsed > 0 else 0.0}
+        if self.device.type == "cuda":  # what a batch size or image size costs on the card
+            figures["gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return figures
 
     def validate(self) -> dict[str, float]:
-        self.last_preds = self.task.predict(self.model, self.val_uids, self.device)
+        self.last_preds = self.task.predict([self.model], self.val_uids, self.device)
         return self.task.score(self.last_preds, self.val_uids)
 
     def keep_if_best(self, improved: bool) -> None:

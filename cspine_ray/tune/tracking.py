@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 # What a run shows: the CV figures and each fold's metric and AUC per epoch, and the pooled
 # out-of-fold figures at the end. (Reports carry ~60 keys; all of them would drown the UI.)
 _EPOCH_METRICS = re.compile(r"^(cv_(metric|auc_mean|auc_patient_overall|val_loss|train_loss|"
-                            r"data_wait_fraction|samples_per_second|global_metric)|"
+                            r"data_wait_fraction|samples_per_second|gpu_memory_gb|global_metric)|"
                             r"fold_\d+_(metric|auc_mean)|best_cv_metric)$")
 _FINAL_METRICS = re.compile(r"^(oof_.*|trial_seconds|last_epoch_cv_metric)$")
 

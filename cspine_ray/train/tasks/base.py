@@ -2,7 +2,9 @@
 
 A *task* says how one family trains and predicts ONE fold: its model, its batches, its loss, its
 study-level predictions and their score. The fold loop (`cspine_ray.train.loop`) is the same for
-every family; only the task differs. Tasks also serve inference (`predict`) outside Ray.
+every family; only the task differs. Tasks also serve inference: `predict` takes a list of
+models (the fold ensemble) and runs each batch through all of them, so a study is read, windowed
+and cropped once per stage however many folds there are; for it a task needs only `Studies`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,15 @@ from cspine_ray.preprocess.shards import ShardSet
 from cspine_ray.train.config import OptimConfig, TrainConfig
 
 SLICE_TABLES = "slice_tables.npz"
+
+
+@dataclass
+class Studies:
+    """What prediction reads: where the shards are, and the stage-1 slice tables (uid -> (z, 11))
+    for the families that use them."""
+
+    shards_dir: str
+    slice_tables: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -111,7 +123,7 @@ class Task(ABC):
 
     name = ""
 
-    def __init__(self, cfg: TrainConfig, data: JobData):
+    def __init__(self, cfg: TrainConfig, data: JobData | Studies):
         self.cfg = cfg
         self.data = data
 
@@ -151,8 +163,9 @@ class Task(ABC):
 
     # --- prediction ------------------------------------------------------------------------
     @abstractmethod
-    def predict(self, model: nn.Module, uids: list[str], device: torch.device) -> pd.DataFrame:
-        """Study-level probabilities: index study_uid, columns C1..C7 (+ patient_model)."""
+    def predict(self, models: Sequence[nn.Module], uids: list[str], device: torch.device) -> pd.DataFrame:
+        """Study-level probabilities, the mean over `models`: index study_uid, columns C1..C7
+        (+ patient_model). Validation passes the one fold model."""
 
     def score(self, preds: pd.DataFrame, uids: list[str]) -> dict[str, float]:
         """Validation figures of one fold: the competition metric, AUCs and the vertebra loss."""

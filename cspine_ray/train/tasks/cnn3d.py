@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -34,13 +35,14 @@ class Cnn3dTask(Task):
         return study_metric_loss(model(image.transpose(1, 2)), batch["label"])
 
     @torch.no_grad()
-    def predict(self, model: nn.Module, uids: list[str], device: torch.device) -> pd.DataFrame:
-        model.eval()
+    def predict(self, models: Sequence[nn.Module], uids: list[str], device: torch.device) -> pd.DataFrame:
+        for model in models:
+            model.eval()
         rows = {}
         for batch in self.loader(self.dataset(uids, labels=False), train=False, device=device):
             batch = to_device(batch, device)
-            with autocast(device, self.optim().amp):
-                probs = torch.sigmoid(model(batch["image"]).float()).cpu().numpy()
-            rows.update(zip(batch["uid"], probs))
+            with autocast(device, self.optim().amp):  # each volume read once for every model
+                probs = torch.stack([torch.sigmoid(m(batch["image"]).float()) for m in models])
+            rows.update(zip(batch["uid"], probs.mean(0).cpu().numpy()))
         return pd.DataFrame.from_dict(rows, orient="index",
                                       columns=[*VERTEBRAE, "patient_model"]).astype(np.float64)

@@ -6,6 +6,7 @@ out-of-fold slice tables (ratio + box per slice, for every training study) feed 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -62,23 +63,25 @@ class LocatorTask(SliceTask):
             loss = loss + F.l1_loss(torch.sigmoid(box_logits.float())[valid], box[valid])
         return loss
 
-    def predict_tables(self, model: nn.Module, uids: list[str], device: torch.device) -> dict[str, np.ndarray]:
-        """uid -> float32 (z, 11) predicted ratio C1..C7 + box for every slice of the study."""
-        outputs = self.slice_outputs(model, uids, device, stride=1)
+    def predict_tables(self, models: Sequence[nn.Module], uids: list[str],
+                       device: torch.device) -> dict[str, np.ndarray]:
+        """uid -> float32 (z, 11) predicted ratio C1..C7 + box for every slice of the study,
+        the mean of the models' decoded outputs."""
+        outputs = self.slice_outputs(models, uids, device, stride=1)
         tables = {}
         for uid in uids:
             zs, raw = outputs[uid]
-            ratio, box = decode_locator(torch.from_numpy(raw))
+            ratio, box = decode_locator(torch.from_numpy(raw))  # (models, n, 7), (models, n, 4)
             table = np.zeros((len(zs), SLICE_TABLE_WIDTH), np.float32)
-            table[zs] = torch.cat([ratio, box], dim=1).numpy()
+            table[zs] = torch.cat([ratio, box], dim=-1).mean(0).numpy()
             tables[uid] = table
         return tables
 
-    def predict(self, model: nn.Module, uids: list[str], device: torch.device) -> pd.DataFrame:
+    def predict(self, models: Sequence[nn.Module], uids: list[str], device: torch.device) -> pd.DataFrame:
         """Validation error per study: mean |ratio error| and box L1 on the vertebra slices."""
         from cspine_ray.datasets import ShardStore
 
-        tables = self.predict_tables(model, uids, device)
+        tables = self.predict_tables(models, uids, device)
         store = ShardStore(self.data.shards_dir, max_open=4)
         rows = {}
         for uid in uids:
@@ -100,4 +103,4 @@ class LocatorTask(SliceTask):
 
     def final_outputs(self, model: nn.Module, fold: int, device: torch.device) -> dict[str, np.ndarray]:
         """Out-of-fold slice tables for every training study of this fold, segmented or not."""
-        return self.predict_tables(model, self.data.fold_uids(fold), device)
+        return self.predict_tables([model], self.data.fold_uids(fold), device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -50,21 +51,23 @@ class SliceTask(Task):
         return self.dataset(items)
 
     @torch.no_grad()
-    def slice_outputs(self, model: nn.Module, uids: list[str], device: torch.device,
+    def slice_outputs(self, models: Sequence[nn.Module], uids: list[str], device: torch.device,
                       stride: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """uid -> (slice indices, raw model outputs per slice), batched over all studies."""
-        model.eval()
+        """uid -> (slice indices (n,), raw outputs (models, n, k)): each batch of slices, across
+        studies, is read once and run through every model."""
+        for model in models:
+            model.eval()
         ds = self.dataset(slice_items(self.data.shards_dir, uids, stride=stride), labels=False)
         out = defaultdict(lambda: ([], []))
         for batch in self.loader(ds, train=False, device=device):
             batch = to_device(batch, device)
             with autocast(device, self.optim().amp):
-                raw = self.forward_for_prediction(model, batch["image"])
-            raw = raw.float().cpu().numpy()
-            for uid, z, r in zip(batch["uid"], batch["z"].tolist(), raw):
+                raw = torch.stack([self.forward_for_prediction(m, batch["image"]).float()
+                                   for m in models], dim=1)  # (B, models, k)
+            for uid, z, r in zip(batch["uid"], batch["z"].tolist(), raw.cpu().numpy()):
                 out[uid][0].append(z)
                 out[uid][1].append(r)
-        return {u: (np.asarray(zs), np.stack(rs)) for u, (zs, rs) in out.items()}
+        return {u: (np.asarray(zs), np.stack(rs, axis=1)) for u, (zs, rs) in out.items()}
 
     def forward_for_prediction(self, model: nn.Module, image: torch.Tensor) -> torch.Tensor:
         return model(image)
@@ -73,7 +76,9 @@ class SliceTask(Task):
 class FractureSliceTask(SliceTask):
     """single_head and multi_head: a per-slice fracture score, max-pooled over a study's slices."""
 
-    def predict(self, model: nn.Module, uids: list[str], device: torch.device) -> pd.DataFrame:
-        outputs = self.slice_outputs(model, uids, device, self.cfg.input.eval_stride)
-        rows = {u: torch.sigmoid(torch.from_numpy(outputs[u][1])).max(0).values.numpy() for u in uids}
+    def predict(self, models: Sequence[nn.Module], uids: list[str], device: torch.device) -> pd.DataFrame:
+        """Per model the max over a study's slices, then the mean over models."""
+        outputs = self.slice_outputs(models, uids, device, self.cfg.input.eval_stride)
+        rows = {u: torch.sigmoid(torch.from_numpy(outputs[u][1])).amax(1).mean(0).numpy()
+                for u in uids}
         return pd.DataFrame.from_dict(rows, orient="index", columns=list(VERTEBRAE))

@@ -7,6 +7,7 @@ vertebra the slice table never shows above the threshold gets the training prior
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -52,9 +53,13 @@ class TwoStageTask(Task):
         return weighted_bce(self._forward(model, image, batch["vertebra"]), batch["label"])
 
     @torch.no_grad()
-    def predict(self, model: nn.Module, uids: list[str], device: torch.device,
+    def predict(self, models: Sequence[nn.Module], uids: list[str], device: torch.device,
                 slice_tables: dict | None = None, prior: np.ndarray | None = None) -> pd.DataFrame:
-        model.eval()
+        """The mean over `models` of each found vertebra's probability: each vertebra's crops
+        are built once for all models. A vertebra stage 1 did not find gets `prior` (in
+        validation: the prevalence among the other studies, so no label leaks in)."""
+        for model in models:
+            model.eval()
         if prior is None:  # validation: the prior of the other studies, so no label leaks in
             held_out = set(uids)
             prior = self.data.prior([u for u in self.data.uids if u not in held_out])
@@ -64,7 +69,8 @@ class TwoStageTask(Task):
             found = batch["found"].numpy()
             batch = to_device(batch, device)
             with autocast(device, self.optim().amp):
-                p = torch.sigmoid(self._forward(model, batch["image"], batch["vertebra"]).float())
+                p = torch.stack([torch.sigmoid(self._forward(m, batch["image"], batch["vertebra"]).float())
+                                 for m in models]).mean(0)
             for uid, v, pi, f in zip(batch["uid"], batch["vertebra"].tolist(), p.cpu().numpy(), found):
                 if f:  # not found: keep the prior
                     probs[uid][v] = pi

@@ -1,0 +1,200 @@
+"""The champion behind a Ray Serve HTTP endpoint: one study in, its eight probabilities out.
+
+    POST /predict            body: a zip or tar (optionally compressed) of one study's DICOM files
+    POST /predict            body: {"path": "/mnt/shared/rsna/test_images/<uid>"} (JSON), a folder
+                             under a root the service was started with (--allow-root)
+        ?report=1            also return the sagittal report as a base64 PNG
+    GET  /healthz            the model it serves
+
+The answer is JSON: `probabilities` (C1..C7, patient_overall), `found` (per vertebra, whether
+stage 1 saw it; null for a family without stage 1), `status`/`reason`/`warnings` as the batch
+predictor gives them, and `model` (URI, registered version, run). Bad input is a 4xx with the
+reason and the replica goes on serving: 400 not an archive or no DICOM inside, 403 a path outside
+the allowed roots, 413 a body over the limit, 422 a series that cannot be read.
+
+Each request's upload is unpacked (`archive.extract_study`), sharded like training data in a
+worker thread, then queued for `serve.batch`: the studies of concurrent requests are predicted
+together, in one pass of the fold models. Nothing of a study is kept after its answer (unless the
+service was started with --keep), and no patient attribute is ever logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cspine_ray import TARGETS, VERTEBRAE
+from cspine_ray.serve.archive import ArchiveError, Limits, extract_study
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """What every replica is started with (plain data: it travels to the replicas)."""
+
+    model_path: str                       # a local MLflow model folder
+    model_uri: str                        # what the user asked for (models:/...@champion)
+    version: str = ""                     # the registered version behind the URI, when known
+    allow_roots: tuple[str, ...] = ()     # folders a JSON {"path": ...} request may name
+    keep: str | None = None               # keep each request's study and shard under here
+    limits: Limits = field(default_factory=Limits)
+    max_batch_size: int = 4
+    batch_wait_s: float = 0.05
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+def inside(path: Path, roots: tuple[str, ...]) -> bool:
+    """Whether `path` (resolved, symlinks followed) lies inside one of `roots`."""
+    real = Path(os.path.realpath(path))
+    return any(real == Path(os.path.realpath(r)) or Path(os.path.realpath(r)) in real.parents
+               for r in roots)
+
+
+class FractureService:
+    """A Serve replica: the ensemble loaded once; requests unpacked, sharded, batched, answered."""
+
+    def __init__(self, options: ServeOptions):
+        import mlflow.pyfunc
+
+        self.options = options
+        wrapper = mlflow.pyfunc.load_model(options.model_path).unwrap_python_model()
+        self.ensemble, self.preprocess, self.info = wrapper.ensemble, wrapper.preprocess, wrapper.info
+        self.root = Path(tempfile.mkdtemp(prefix="cspine-serve-"))
+        self.counter = itertools.count()
+        self.batch_sizes: list[int] = []
+
+        from ray import serve
+
+        # serve.batch wraps a bound method: set up per replica with this replica's settings
+        self._batched = serve.batch(max_batch_size=options.max_batch_size,
+                                    batch_wait_timeout_s=options.batch_wait_s)(self._predict_batch)
+
+    # --- the HTTP surface --------------------------------------------------------------------
+    async def __call__(self, request):
+        from starlette.responses import JSONResponse
+
+        path = request.url.path.rstrip("/")
+        if request.method == "GET" and path.endswith("/healthz"):
+            return JSONResponse({"status": "ok", "model": self.model_card()})
+        if request.method != "POST" or not path.endswith("/predict"):
+            return JSONResponse({"error": "POST /predict or GET /healthz"}, status_code=404)
+        work = self.root / f"request-{next(self.counter)}"
+        row = None
+        try:
+            study_dir = await self._study_from(request, work)
+            row = await asyncio.to_thread(self._shard, study_dir, work)
+            if row["status"] != "ok":
+                raise RequestError(422, f"the series cannot be read: {row['reason']}")
+            answer = await self._batched(row)
+            if request.query_params.get("report") in ("1", "true", "yes"):
+                answer["report_png"] = await asyncio.to_thread(self._report, row, answer)
+            return JSONResponse(answer)
+        except RequestError as e:
+            log.info("request refused (%d): %s", e.status, e.reason)
+            return JSONResponse({"error": e.reason}, status_code=e.status)
+        finally:
+            self._clean(work, row)
+
+    async def _study_from(self, request, work: Path) -> Path:
+        """The folder of the request's study: an upload unpacked under `work`, or an allowed path."""
+        limits = self.options.limits
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limits.max_request_bytes:
+            raise RequestError(413, f"the body is larger than {limits.max_request_bytes >> 20} MiB")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limits.max_request_bytes:
+                raise RequestError(413, f"the body is larger than {limits.max_request_bytes >> 20} MiB")
+        if request.headers.get("content-type", "").startswith("application/json"):
+            return self._allowed_path(bytes(body))
+        try:
+            return await asyncio.to_thread(extract_study, bytes(body), work / "upload", limits)
+        except ArchiveError as e:
+            raise RequestError(400, str(e)) from None
+
+    def _allowed_path(self, body: bytes) -> Path:
+        try:
+            path = Path(json.loads(body)["path"])
+        except (ValueError, KeyError, TypeError):
+            raise RequestError(400, 'a JSON body must be {"path": "<study folder>"}') from None
+        if not self.options.allow_roots or not inside(path, self.options.allow_roots):
+            raise RequestError(403, "the path is not under a folder this service may read "
+                                    "(start it with --allow-root)")
+        if not path.is_dir():
+            raise RequestError(400, "the path is not a folder")
+        return path
+
+    def _shard(self, study_dir: Path, work: Path) -> dict:
+        from cspine_ray.predict.inputs import shard_study
+
+        index = next(self.counter)  # a shard name no other request of this replica uses
+        item = {"study_uid": f"0.{index}", "study_dir": str(study_dir), "index": index}
+        if not any(p.is_file() for p in study_dir.iterdir()):
+            raise RequestError(400, "no files in the study")
+        row = shard_study(item, self.preprocess, str(self.root))
+        row["work"] = str(work)
+        return row
+
+    # --- batched prediction ------------------------------------------------------------------
+    async def _predict_batch(self, rows: list[dict]) -> list[dict]:
+        return await asyncio.to_thread(self._predict_rows, rows)
+
+    def _predict_rows(self, rows: list[dict]) -> list[dict]:
+        self.batch_sizes.append(len(rows))
+        probs, found = self.ensemble.predict_with_found(self.root, [r["shard"] for r in rows])
+        answers = []
+        for r in rows:
+            answers.append({
+                "probabilities": {t: float(probs.loc[r["shard"], t]) for t in TARGETS},
+                "found": ({v: bool(f) for v, f in zip(VERTEBRAE, found[r["shard"]])}
+                          if r["shard"] in found else None),
+                "status": r["status"], "reason": r["reason"], "warnings": r.get("warnings", ""),
+                "batched_with": len(rows), "model": self.model_card(),
+            })
+        return answers
+
+    def _report(self, row: dict, answer: dict) -> str:
+        from cspine_ray.predict.pyfunc import write_report
+        from cspine_ray.preprocess.shards import study_path
+
+        out = Path(row["work"]) / "report"
+        probs = [answer["probabilities"][t] for t in TARGETS]
+        tables = self.ensemble.slice_tables(self.root, [row["shard"]])
+        png = write_report(study_path(self.root, row["shard"]), "study", probs,
+                           tables.get(row["shard"]), out)
+        return base64.b64encode(png.read_bytes()).decode()
+
+    def _clean(self, work: Path, row: dict | None) -> None:
+        """Remove (or keep, with --keep) the request's upload and its shard."""
+        from cspine_ray.preprocess.shards import study_path
+
+        shard = study_path(self.root, row["shard"]) if row else None
+        if self.options.keep:
+            keep = Path(self.options.keep) / work.name
+            keep.mkdir(parents=True, exist_ok=True)
+            for part in (work, shard):
+                if part is not None and part.exists():
+                    shutil.move(str(part), keep / part.name)
+        shutil.rmtree(work, ignore_errors=True)
+        if shard is not None:
+            shutil.rmtree(shard, ignore_errors=True)
+
+    def model_card(self) -> dict:
+        return {"uri": self.options.model_uri, "version": self.options.version,
+                "run_id": self.info.get("run_id", ""), "family": self.info.get("family", ""),
+                "cv_metric": self.info.get("cv_metric")}
