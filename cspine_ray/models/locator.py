@@ -16,13 +16,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cspine_ray import N_VERTEBRAE
+from cspine_ray.datasets.tables import SLICE_TABLE_WIDTH
 from cspine_ray.models.backbone import create_backbone
 from cspine_ray.models.heads import PriorLogit, linear_head
 from cspine_ray.models.registry import register_model
 
-NUM_RATIOS = 7
-NUM_BOX = 4
-NUM_LOCATOR_OUTPUTS = NUM_RATIOS + NUM_BOX
+NUM_LOCATOR_OUTPUTS = SLICE_TABLE_WIDTH  # one slice-table row: a ratio per vertebra, the box
+NUM_BOX = SLICE_TABLE_WIDTH - N_VERTEBRAE
 
 
 @register_model("slice_locator")
@@ -39,7 +40,7 @@ class SliceLocator(nn.Module):
         super().__init__()
         self.backbone, num_features = create_backbone(backbone, pretrained, in_chans, drop_rate,
                                                       drop_path_rate)
-        self.ratio = linear_head(num_features, NUM_RATIOS, prior_logit)
+        self.ratio = linear_head(num_features, N_VERTEBRAE, prior_logit)
         self.box = linear_head(num_features, NUM_BOX, 0.0)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -52,7 +53,7 @@ def split_locator_outputs(outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     if outputs.shape[-1] != NUM_LOCATOR_OUTPUTS:
         raise ValueError(f"locator outputs must end in {NUM_LOCATOR_OUTPUTS} values, "
                          f"got shape {tuple(outputs.shape)}")
-    return outputs[..., :NUM_RATIOS], outputs[..., NUM_RATIOS:]
+    return outputs[..., :N_VERTEBRAE], outputs[..., N_VERTEBRAE:]
 
 
 def decode_locator(outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
