@@ -523,3 +523,15 @@ def test_augment_config_is_checked():
         from_dict(AugmentConfig, {"hflip_p": 1.5})
     with pytest.raises(ConfigError, match="unknown key"):
         from_dict(AugmentConfig, {"flip": 0.5})
+
+
+def test_found_vertebrae_are_choose_slices_found_flags():
+    from cspine_ray.datasets.sequences import found_vertebrae
+
+    table = table_with(1, [0.9] * 6, 5) + table_with(4, [1.0], 20) + table_with(6, [0.2] * 8, 30)
+    # by hand, smooth 5: C2's run passes; C5's one-slice spike smooths to 0.2; C7 never passes 0.3
+    assert found_vertebrae(table, 0.3, 5).tolist() == [False, True, False, False, False, False, False]
+    assert found_vertebrae(table, 0.3, 1).tolist() == [False, True, False, False, True, False, False]
+    for smooth in (1, 5):
+        assert found_vertebrae(table, 0.3, smooth).tolist() == [
+            choose_slices(table, v, length=2, threshold=0.3, smooth=smooth)[1] for v in range(7)]

@@ -79,6 +79,12 @@ def choose_slices(ratio_table: np.ndarray, vertebra: int, length: int, threshold
     return spread(_fallback_slices(smoothed, vertebra, threshold), count), False
 
 
+def found_vertebrae(ratio_table: np.ndarray, threshold: float = 0.3, smooth: int = 5) -> np.ndarray:
+    """(7,) bool: for each vertebra, the `found` flag `choose_slices` gives it (its smoothed
+    ratio passes the threshold on some slice), all at once."""
+    return (smooth_ratios(np.asarray(ratio_table), smooth) > threshold).any(0)
+
+
 def _fallback_slices(smoothed: np.ndarray, vertebra: int, threshold: float) -> np.ndarray:
     column = smoothed[:, vertebra]
     peak_z = int(np.argmax(column))

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from cspine_ray import N_VERTEBRAE, TARGETS
-from cspine_ray.datasets.sequences import smooth_ratios
+from cspine_ray.datasets.sequences import found_vertebrae
 from cspine_ray.models import create_model
 from cspine_ray.train.result import TrainResult, load_result
 from cspine_ray.train.tasks import make_task
@@ -91,15 +91,12 @@ class Ensemble:
         mean = task.predict(self.models, uids, self.device, **kwargs)
         return to_targets(mean.loc[uids], self.top_n), tables
 
-    def predict_with_found(self, shards_dir: str | Path,
-                           uids: list[str]) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
-        """predict's probabilities, and per study which vertebrae stage 1 saw (7 bools: the
-        smoothed ratio passes the threshold somewhere); no entry without a stage 1."""
-        probs, tables = self.predict(shards_dir, uids)
+    def found(self, tables: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Per study of `tables` (predict's stage-1 tables), which vertebrae stage 1 saw: the
+        found flags of stage 2's slice choice (7 bools)."""
         seq = self.result.config.sequence
-        found = {u: (smooth_ratios(t[:, :N_VERTEBRAE], seq.smooth) > seq.threshold).any(0)
-                 for u, t in tables.items()}
-        return probs, found
+        return {u: found_vertebrae(t[:, :N_VERTEBRAE], seq.threshold, seq.smooth)
+                for u, t in tables.items()}
 
     def prior_row(self) -> pd.Series:
         return pd.Series(self.prior, index=list(TARGETS))

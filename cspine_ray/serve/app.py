@@ -31,6 +31,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from cspine_ray import TARGETS, VERTEBRAE
 from cspine_ray.serve.archive import ArchiveError, Limits, extract_study
 
@@ -74,8 +76,7 @@ class FractureService:
         wrapper = mlflow.pyfunc.load_model(options.model_path).unwrap_python_model()
         self.ensemble, self.preprocess, self.info = wrapper.ensemble, wrapper.preprocess, wrapper.info
         self.root = Path(tempfile.mkdtemp(prefix="cspine-serve-"))
-        self.counter = itertools.count()
-        self.batch_sizes: list[int] = []
+        self.counter = itertools.count()  # names each request's upload and shard
 
         from ray import serve
 
@@ -92,16 +93,17 @@ class FractureService:
             return JSONResponse({"status": "ok", "model": self.model_card()})
         if request.method != "POST" or not path.endswith("/predict"):
             return JSONResponse({"error": "POST /predict or GET /healthz"}, status_code=404)
-        work = self.root / f"request-{next(self.counter)}"
+        index = next(self.counter)
+        work = self.root / f"request-{index}"
         row = None
         try:
             study_dir = await self._study_from(request, work)
-            row = await asyncio.to_thread(self._shard, study_dir, work)
+            row = await asyncio.to_thread(self._shard, study_dir, work, index)
             if row["status"] != "ok":
                 raise RequestError(422, f"the series cannot be read: {row['reason']}")
-            answer = await self._batched(row)
+            answer, table = await self._batched(row)
             if request.query_params.get("report") in ("1", "true", "yes"):
-                answer["report_png"] = await asyncio.to_thread(self._report, row, answer)
+                answer["report_png"] = await asyncio.to_thread(self._report, row, answer, table)
             return JSONResponse(answer)
         except RequestError as e:
             log.info("request refused (%d): %s", e.status, e.reason)
@@ -121,9 +123,9 @@ class FractureService:
             if len(body) > limits.max_request_bytes:
                 raise RequestError(413, f"the body is larger than {limits.max_request_bytes >> 20} MiB")
         if request.headers.get("content-type", "").startswith("application/json"):
-            return self._allowed_path(bytes(body))
+            return self._allowed_path(body)
         try:
-            return await asyncio.to_thread(extract_study, bytes(body), work / "upload", limits)
+            return await asyncio.to_thread(extract_study, body, work / "upload", limits)
         except ArchiveError as e:
             raise RequestError(400, str(e)) from None
 
@@ -139,10 +141,9 @@ class FractureService:
             raise RequestError(400, "the path is not a folder")
         return path
 
-    def _shard(self, study_dir: Path, work: Path) -> dict:
+    def _shard(self, study_dir: Path, work: Path, index: int) -> dict:
         from cspine_ray.predict.inputs import shard_study
 
-        index = next(self.counter)  # a shard name no other request of this replica uses
         item = {"study_uid": f"0.{index}", "study_dir": str(study_dir), "index": index}
         if not any(p.is_file() for p in study_dir.iterdir()):
             raise RequestError(400, "no files in the study")
@@ -151,32 +152,31 @@ class FractureService:
         return row
 
     # --- batched prediction ------------------------------------------------------------------
-    async def _predict_batch(self, rows: list[dict]) -> list[dict]:
+    async def _predict_batch(self, rows: list[dict]) -> list[tuple[dict, np.ndarray | None]]:
         return await asyncio.to_thread(self._predict_rows, rows)
 
-    def _predict_rows(self, rows: list[dict]) -> list[dict]:
-        self.batch_sizes.append(len(rows))
-        probs, found = self.ensemble.predict_with_found(self.root, [r["shard"] for r in rows])
+    def _predict_rows(self, rows: list[dict]) -> list[tuple[dict, np.ndarray | None]]:
+        """(answer, the study's stage-1 table for its report) per row, in one pass."""
+        probs, tables = self.ensemble.predict(self.root, [r["shard"] for r in rows])
+        found = self.ensemble.found(tables)
         answers = []
         for r in rows:
-            answers.append({
+            answers.append(({
                 "probabilities": {t: float(probs.loc[r["shard"], t]) for t in TARGETS},
                 "found": ({v: bool(f) for v, f in zip(VERTEBRAE, found[r["shard"]])}
                           if r["shard"] in found else None),
                 "status": r["status"], "reason": r["reason"], "warnings": r.get("warnings", ""),
                 "batched_with": len(rows), "model": self.model_card(),
-            })
+            }, tables.get(r["shard"])))
         return answers
 
-    def _report(self, row: dict, answer: dict) -> str:
+    def _report(self, row: dict, answer: dict, table: np.ndarray | None) -> str:
         from cspine_ray.predict.pyfunc import write_report
         from cspine_ray.preprocess.shards import study_path
 
         out = Path(row["work"]) / "report"
         probs = [answer["probabilities"][t] for t in TARGETS]
-        tables = self.ensemble.slice_tables(self.root, [row["shard"]])
-        png = write_report(study_path(self.root, row["shard"]), "study", probs,
-                           tables.get(row["shard"]), out)
+        png = write_report(study_path(self.root, row["shard"]), "study", probs, table, out)
         return base64.b64encode(png.read_bytes()).decode()
 
     def _clean(self, work: Path, row: dict | None) -> None:

@@ -42,39 +42,39 @@ def _safe_name(name: str) -> bool:
     return True
 
 
-# Members are named by their place in the archive (#1, #2, ...), never by their name: a file
-# name from outside may hold a patient's name, and refusals are logged.
-def _members_zip(archive: zipfile.ZipFile, limits: Limits) -> list[zipfile.ZipInfo]:
-    files, total = [], 0
-    for i, info in enumerate(archive.infolist(), 1):
-        if not _safe_name(info.filename):
-            raise ArchiveError(f"archive member #{i} would be written outside the study")
-        kind = stat.S_IFMT(info.external_attr >> 16)  # 0 when the zip stores no Unix mode
-        if kind == stat.S_IFLNK:
-            raise ArchiveError(f"archive member #{i} is a symbolic link")
-        if info.is_dir() or kind == stat.S_IFDIR:
-            continue
-        if kind not in (0, stat.S_IFREG):
-            raise ArchiveError(f"archive member #{i} is not a plain file")
-        files.append(info)
-        total += info.file_size
-        _check_totals(len(files), total, limits)
-    return files
+def _zip_kind(info: zipfile.ZipInfo) -> str:
+    mode = stat.S_IFMT(info.external_attr >> 16)  # 0 when the zip stores no Unix mode
+    if mode == stat.S_IFLNK:
+        return "a symbolic link"
+    if info.is_dir() or mode == stat.S_IFDIR:
+        return "dir"
+    return "file" if mode in (0, stat.S_IFREG) else "not a plain file"
 
 
-def _members_tar(archive: tarfile.TarFile, limits: Limits) -> list[tarfile.TarInfo]:
+def _tar_kind(info: tarfile.TarInfo) -> str:
+    if info.issym() or info.islnk():
+        return "a link"
+    if info.isdir():
+        return "dir"
+    return "file" if info.isreg() else "not a plain file"
+
+
+def _plain_files(members: list, name, kind, size, limits: Limits) -> list:
+    """The file members of an archive, after refusing any member that could escape or explode.
+
+    Members are named by their place in the archive (#1, #2, ...), never by their name: a file
+    name from outside may hold a patient's name, and refusals are logged."""
     files, total = [], 0
-    for i, info in enumerate(archive.getmembers(), 1):
-        if not _safe_name(info.name):
+    for i, member in enumerate(members, 1):
+        if not _safe_name(name(member)):
             raise ArchiveError(f"archive member #{i} would be written outside the study")
-        if info.issym() or info.islnk():
-            raise ArchiveError(f"archive member #{i} is a link")
-        if info.isdir():
+        what = kind(member)
+        if what == "dir":
             continue
-        if not info.isreg():
-            raise ArchiveError(f"archive member #{i} is not a plain file")
-        files.append(info)
-        total += info.size
+        if what != "file":
+            raise ArchiveError(f"archive member #{i} is {what}")
+        files.append(member)
+        total += size(member)
         _check_totals(len(files), total, limits)
     return files
 
@@ -104,7 +104,8 @@ def extract_study(data: bytes, dest: Path, limits: Limits = Limits()) -> Path:
     if zipfile.is_zipfile(buffer):
         try:
             with zipfile.ZipFile(buffer) as archive:
-                members = _members_zip(archive, limits)
+                members = _plain_files(archive.infolist(), lambda m: m.filename, _zip_kind,
+                                       lambda m: m.file_size, limits)
                 _write_all([lambda m=m: archive.open(m) for m in members], dest)
         except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError,
                 OSError, EOFError, zlib.error) as e:
@@ -114,7 +115,8 @@ def extract_study(data: bytes, dest: Path, limits: Limits = Limits()) -> Path:
         buffer.seek(0)
         try:
             with tarfile.open(fileobj=buffer, mode="r:*") as archive:
-                members = _members_tar(archive, limits)
+                members = _plain_files(archive.getmembers(), lambda m: m.name, _tar_kind,
+                                       lambda m: m.size, limits)
                 _write_all([lambda m=m: archive.extractfile(m) for m in members], dest)
         except tarfile.ReadError:
             raise ArchiveError("the upload is neither a zip nor a tar archive (or is truncated)") from None
