@@ -221,3 +221,20 @@ def test_concurrent_requests_are_batched(endpoint, tiny_dataset):
     assert max(r.json()["batched_with"] for r in replies) > 1
     first = replies[0].json()["probabilities"]
     assert all(r.json()["probabilities"] == pytest.approx(first, abs=1e-6) for r in replies)
+
+
+def test_the_registered_version_behind_a_models_uri(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from cspine_ray.runtime import sqlite_uri
+    from cspine_ray.serve.cli import registered_version
+
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("cspine-fracture")
+    for _ in range(3):
+        client.create_model_version("cspine-fracture", source=str(tmp_path))
+    client.set_registered_model_alias("cspine-fracture", "champion", "2")
+    assert registered_version("models:/cspine-fracture@champion", uri) == "2"
+    assert registered_version("models:/cspine-fracture/3", uri) == "3"
+    assert registered_version(str(tmp_path), uri) == ""  # a local folder has no version
