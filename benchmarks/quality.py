@@ -1,27 +1,29 @@
-"""Model-quality benchmark: the four families on one synthetic set, with one budget, against a prior.
+"""Model-quality benchmark: the two-stage model with each of the top teams' techniques on and
+off, the three baselines and the constant prior, on generated sets the product did not tune on.
 
-    python benchmarks/quality.py [--studies 256] [--size 128] [--epochs 30] [--storage DIR]
-                                 [--seed 5] [--backbone test_efficientnet] [--retrain]
-                                 [--report PATH]
+    python benchmarks/quality.py [--sets obvious subtle] [--studies 64] [--size 128]
+                                 [--segmented 0.25] [--epochs E] [--stage1-epochs E1]
+                                 [--storage DIR]
+                                 [--seed 11] [--retrain] [--report PATH]
 
-One run:
+One run, for each set (a fracture severity):
 
-1. generates `--studies` training studies (`cspine_ray.synth`, severity "obvious", 2 mm
-   slices) and preprocesses them into 2 folds with Ray Data. Both are cached in --storage
-   and reused by later runs with the same --studies/--size/--seed.
-2. trains the stage-1 locator once (the two-stage model's first stage and the visibility
-   model of the 2D families), then every family with `cspine_ray.train.job.train` on Ray
-   Train, one worker per fold (2 workers). Every family gets the same epochs, the same
-   timm backbone (cnn3d has none), the same learning rate and the same data.
-3. scores each family's out-of-fold predictions (`evaluate_result`: every study predicted
-   by the fold model that did not see it, best epoch by the CV metric) and a constant
-   prior: each study gets the prevalence of every target among the OTHER fold's studies.
+1. generates `--studies` training studies (`cspine_ray.synth`, 2 mm slices, `--segmented` of
+   them with a segmentation) and preprocesses them into 2 folds with Ray Data (both cached in
+   --storage and reused by later runs with the same arguments);
+2. trains the stage-1 locator (plain, with the anatomy constraint, and with a pseudo-label
+   round in the same number of epochs), then the two-stage model with every technique off (the thesis's rules), each technique on
+   alone, and all on; then cnn3d, single_head and multi_head. The budget is the laptop search
+   space's base (`search_spaces/laptop.yaml`: the shipped CPU budget) with `--epochs`;
+3. scores every result out of fold (`evaluate_result`: each study predicted by the fold model
+   that did not see it) under its family's top-N rule and, with no retraining, with the
+   second-level calibrator (cross-fitted on the folds), against the constant prior (each
+   study gets the prevalences of the OTHER fold's studies).
 
-It prints one table (lower metric is better; AUC 0.5 is chance) and says plainly whether
-two_stage beats the other families and the prior. Finished results are reused by key
-(like any training job): `--retrain` trains the families again. Times are wall-clock
-seconds on this machine, with the 1-minute load average measured around each step,
-because other users share the CPUs; a reused result shows the time of the run that made it.
+Figures, honestly labelled: "OOF" is at the epoch chosen on the same folds (the vertebra loss,
+N-independent), so it is optimistic; "last CV" is the last epoch's CV metric and patient AUC,
+which nothing chose. Finished results are reused by key; `--retrain` trains them again. Times
+are wall-clock seconds with the 1-minute load average, because other work shares the CPUs.
 """
 
 from __future__ import annotations
@@ -35,45 +37,60 @@ import sys
 import time
 from pathlib import Path
 
-
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
-DATA_VERSION = 1          # bump when the generated dataset changes meaning
+DATA_VERSION = 2          # bump when the generated dataset changes meaning
 SLICE_SPACING = 2.0       # mm: ~90 slices per study, enough for the vertebra sequences
-FAMILIES = ("two_stage", "cnn3d", "single_head", "multi_head")
+SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "laptop.yaml"
 
-# The shared budget, tuned on the two-stage model at 128-256 studies x 128 px (BENCHMARKS.md):
-# tiny timm backbone, 64 px inputs, lr 1e-3 with one cosine cycle over all epochs, no cutout
-# (a 10% hole can cover a whole crack on a 64 px crop).
-BASE = {
-    "optim": {"batch_size": 16, "lr": 1.0e-3},
-    "input": {"image_size": 64, "slices_per_study": 16, "eval_stride": 2, "cube": 48,
-              "loader_workers": 0},
-    "augment": {"cutout_p": 0.0},
-    "stage1": {"image_size": 64, "epochs": 40, "batch_size": 32, "slices_per_study": 48,
-               "lr": 3.0e-3},
-    "sequence": {"length": 4, "crop_size": 64, "hidden": 32, "layers": 1},
-    "resources": {"num_workers": 2, "cpus_per_worker": 1.0},
+# Every technique off: the thesis's rules. Each arm below switches some of them on.
+OFF = {"sequence.slice_choice": "spread", "sequence.mask_not_found": False,
+       "sequence.ratio_channel": False, "sequence.per_step": 3, "sequence.flip_tta": False,
+       "stage1.anatomy": False, "stage1.pseudo_rounds": 0}
+TECHNIQUES = {
+    "robust slice choice": {"sequence.slice_choice": "run"},
+    "not-found masked": {"sequence.mask_not_found": True},
+    "ratio channel": {"sequence.ratio_channel": True},
+    "5 slices a step": {"sequence.per_step": 5},
+    "flip TTA": {"sequence.flip_tta": True},
+    "stage 1 anatomy": {"stage1.anatomy": True},
 }
+# Stage 1 alone: plain, anatomical, and a pseudo-label round against the same number of epochs
+# without one (a round doubles the epochs; the extra epochs alone are the fair control).
+STAGE1_ARMS = {
+    "stage 1": {},
+    "stage 1 anatomy": {"stage1.anatomy": True},
+    "stage 1 anatomy, half the epochs + a pseudo-label round": {"stage1.anatomy": True,
+                                                                "stage1.pseudo_rounds": 1},
+}
+ALL = {k: v for change in TECHNIQUES.values() for k, v in change.items()}
+BASELINES = ("cnn3d", "single_head", "multi_head")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--studies", type=int, default=256, help="training studies (default 256)")
+    p.add_argument("--sets", nargs="+", default=["obvious", "subtle"],
+                   help="fracture severities, one generated set each (default obvious subtle)")
+    p.add_argument("--studies", type=int, default=64, help="training studies per set (default 64)")
     p.add_argument("--size", type=int, default=128, help="image size in pixels (default 128)")
-    p.add_argument("--epochs", type=int, default=30, help="epochs of every family (default 30)")
+    p.add_argument("--segmented", type=float, default=0.25,
+                   help="share of studies with a segmentation (default 0.25; the real data: 0.04)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="stage-2 / family epochs (default: the laptop space's)")
+    p.add_argument("--stage1-epochs", type=int, default=None,
+                   help="stage-1 epochs per round (default: the laptop space's)")
     p.add_argument("--storage", type=Path, default=Path("runs/quality"),
                    help="data, shards and results (default runs/quality)")
-    p.add_argument("--seed", type=int, default=5, help="dataset seed (default 5)")
-    p.add_argument("--backbone", default="test_efficientnet",
-                   help="timm backbone of every 2D model and of stage 1 (default test_efficientnet)")
-    p.add_argument("--retrain", action="store_true", help="train the families again (stage 1 is reused)")
-    p.add_argument("--report", type=Path, default=None, help="also write the table as Markdown here")
+    p.add_argument("--seed", type=int, default=11, help="dataset seed (default 11)")
+    p.add_argument("--retrain", action="store_true", help="train every result again")
+    p.add_argument("--report", type=Path, default=None, help="also write the tables as Markdown here")
     args = p.parse_args(argv)
-    if args.studies < 8 or args.epochs < 1:
-        p.error("need --studies >= 8 and --epochs >= 1")
+    if args.studies < 8 or min(args.epochs or 1, args.stage1_epochs or 1) < 1:
+        p.error("need --studies >= 8 and at least 1 epoch")
+    if not 0 < args.segmented <= 1:
+        p.error("--segmented must be in (0, 1]")
     return args
 
 
@@ -83,19 +100,22 @@ def load() -> float:
 
 # ----------------------------------------------------------------------------- data
 
-def generate(args: argparse.Namespace) -> Path:
-    """The synthetic RSNA layout for these arguments, written once (2 processes) and reused."""
+def generate(args: argparse.Namespace, severity: str) -> Path:
+    """The synthetic RSNA layout of one set, written once (2 processes) and reused."""
     from cspine_ray.synth import dataset_specs, write_dataset
 
     params = {"version": DATA_VERSION, "studies": args.studies, "size": args.size,
-              "slice_spacing": SLICE_SPACING, "seed": args.seed, "severity": "obvious"}
-    root = args.storage / f"data-{args.studies}x{args.size}px-seed{args.seed}"
+              "slice_spacing": SLICE_SPACING, "seed": args.seed, "severity": severity,
+              "segmented": args.segmented}
+    root = args.storage / (f"data-{severity}-{args.studies}x{args.size}px-seg{args.segmented:g}"
+                           f"-seed{args.seed}")
     stamp = root / "benchmark-dataset.json"
     if stamp.exists() and json.loads(stamp.read_text()) == params:
         print(f"data: reusing {root}")
         return root
     specs = dataset_specs(args.studies, seed=args.seed, n_test=0, size=args.size,
-                          slice_spacing=SLICE_SPACING, severity="obvious")
+                          slice_spacing=SLICE_SPACING, severity=severity,
+                          segmented_fraction=args.segmented)
     tmp = root.with_name(root.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(root, ignore_errors=True)
@@ -103,8 +123,9 @@ def generate(args: argparse.Namespace) -> Path:
     write_dataset(tmp, specs, processes=2)
     tmp.rename(root)
     stamp.write_text(json.dumps(params))
-    print(f"data: generated {len(specs)} studies in {time.perf_counter() - start:.0f} s "
-          f"(load {before:.1f} -> {load():.1f}) into {root}")
+    segmented = sum(s.has_segmentation for s in specs)
+    print(f"data: generated {len(specs)} studies ({segmented} segmented) in "
+          f"{time.perf_counter() - start:.0f} s (load {before:.1f} -> {load():.1f}) into {root}")
     return root
 
 
@@ -124,12 +145,18 @@ def preprocess(data: Path, args: argparse.Namespace) -> Path:
 
 # ----------------------------------------------------------------------------- training
 
-def family_config(family: str, args: argparse.Namespace):
+def config(family: str, changes: dict, args: argparse.Namespace):
+    """The laptop space's base for `family` with `changes`, on 2 fold workers."""
     from cspine_ray.train.config import build_config
+    from cspine_ray.tune.space import load_space
 
-    return build_config(BASE, {"family": family, "backbone": args.backbone,
-                               "stage1.backbone": args.backbone, "optim.epochs": args.epochs,
-                               "optim.t0": args.epochs})  # one cosine cycle over the whole run
+    base = load_space(SPACE).base
+    values = {"family": family, **OFF, **changes, "resources.num_workers": 2}
+    if args.epochs is not None:
+        values.update({"optim.epochs": args.epochs, "optim.t0": args.epochs})
+    if args.stage1_epochs is not None:
+        values["stage1.epochs"] = args.stage1_epochs
+    return build_config(base, values)
 
 
 class Timings:
@@ -159,19 +186,20 @@ def timed(timings: Timings, fn):
 
 # ----------------------------------------------------------------------------- report
 
-COLUMNS = ("family", "OOF metric", "global metric", "mean AUC", "patient AUC", "train s", "load")
+COLUMNS = ("model", "OOF metric", "/ prior", "patient AUC", "mean AUC", "last CV metric",
+           "last CV patient AUC", "epoch (best/last)", "train s")
 
 
-def table_rows(rows: list[dict]) -> list[list[str]]:
-    out = []
-    for r in rows:
-        f = r["figures"]
-        t = r.get("timing")
-        out.append([r["name"], f"{f['oof_metric']:.4f}", f"{f['oof_global_metric']:.4f}",
-                    f"{f['oof_auc_mean']:.3f}", f"{f['oof_auc_patient_overall']:.3f}",
-                    "-" if t is None else f"{t['seconds']:.0f}",
-                    "-" if t is None else f"{t['load_before']:.1f}-{t['load_after']:.1f}"])
-    return out
+def row(name: str, figures: dict, prior: float, result=None, timing=None,
+        calibrated: bool = False) -> list[str]:
+    last = result.info.last if result is not None else None
+    no_last = last is None or calibrated  # the calibrator is fitted after the last epoch too
+    return [name, f"{figures['oof_metric']:.4f}", f"{figures['oof_metric'] / prior:.2f}",
+            f"{figures['oof_auc_patient_overall']:.3f}", f"{figures['oof_auc_mean']:.3f}",
+            "-" if no_last else f"{last['cv_metric']:.4f}",
+            "-" if no_last else f"{last.get('cv_auc_patient_overall', float('nan')):.3f}",
+            "-" if result is None else f"{result.info.best_epoch}/{last['epoch']}",
+            "-" if timing is None else f"{timing['seconds']:.0f}"]
 
 
 def markdown(rows: list[list[str]]) -> str:
@@ -180,19 +208,53 @@ def markdown(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def verdict(rows: list[dict]) -> list[str]:
-    by = {r["name"]: r["figures"] for r in rows}
-    two = by["two_stage"]
-    lines = []
-    for name, f in by.items():
-        if name == "two_stage":
-            continue
-        metric = "beats" if two["oof_metric"] < f["oof_metric"] else "does NOT beat"
-        auc = "higher" if two["oof_auc_patient_overall"] > f["oof_auc_patient_overall"] else "NOT higher"
-        lines.append(f"two_stage {metric} {name} on the OOF metric "
-                     f"({two['oof_metric']:.4f} vs {f['oof_metric']:.4f}); patient AUC {auc} "
-                     f"({two['oof_auc_patient_overall']:.3f} vs {f['oof_auc_patient_overall']:.3f})")
-    return lines
+def run_set(severity: str, args: argparse.Namespace, runs: Path, timings: Timings) -> str:
+    from cspine_ray.train.job import ensure_stage1, train
+    from cspine_ray.train.result import evaluate_prior, evaluate_result
+
+    shards = preprocess(generate(args, severity), args)
+    prior = evaluate_prior(shards)["oof_metric"]
+    lines = [f"### {severity} fractures: {args.studies} studies x {args.size} px, "
+             f"{args.segmented:.0%} segmented, 2 folds", ""]
+    for name, changes in STAGE1_ARMS.items():
+        cfg = config("two_stage", changes, args)
+        if changes.get("stage1.pseudo_rounds"):
+            cfg.stage1.epochs //= 1 + cfg.stage1.pseudo_rounds
+        stage1, t = timed(timings, lambda: ensure_stage1(cfg, shards, runs, reuse=not args.retrain))
+        best, last = stage1.info.best, stage1.info.last
+        line = (f"{name}: CV ratio+box error {best['cv_metric']:.4f} at epoch "
+                f"{stage1.info.best_epoch} (last {last['cv_metric']:.4f}), ratio error "
+                f"{best['cv_ratio_mae']:.4f}, z error {best.get('cv_z_error', float('nan')):.2f} "
+                f"slices" + (f", {t['seconds']:.0f} s" if t else ""))
+        print(line)
+        lines.append(f"- {line}")
+    lines.append("")
+
+    rows = []
+    arms = [("two_stage, thesis rules", {})] + [(f"two_stage + {k}", v) for k, v in TECHNIQUES.items()]
+    arms += [("two_stage, all techniques", ALL)]
+    for name, changes in arms:
+        cfg = config("two_stage", changes, args)
+        result, t = timed(timings, lambda: train(cfg, shards, runs, reuse=not args.retrain))
+        figures = evaluate_result(result, shards, cfg.effective_top_n)
+        rows.append(row(name, figures, prior, result, t))
+        print(" | ".join(rows[-1]))
+        if name.startswith("two_stage, "):  # the calibrator: no retraining
+            figures = evaluate_result(result, shards, cfg.effective_top_n, calibrate=True)
+            rows.append(row(f"{name} + calibrator", figures, prior, result, calibrated=True))
+            print(" | ".join(rows[-1]))
+    for family in BASELINES:
+        cfg = config(family, {}, args)
+        result, t = timed(timings, lambda: train(cfg, shards, runs, reuse=not args.retrain))
+        for calibrate in (False, True):
+            figures = evaluate_result(result, shards, cfg.effective_top_n, calibrate=calibrate)
+            rows.append(row(family + (" + calibrator" if calibrate else ""), figures, prior,
+                            result, None if calibrate else t, calibrated=calibrate))
+            print(" | ".join(rows[-1]))
+    prior_figures = evaluate_prior(shards)
+    rows.append(row("constant prior", prior_figures, prior))
+    lines += [markdown(rows), ""]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,48 +264,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     from cspine_ray.runtime import init_ray
-    from cspine_ray.train.job import ensure_stage1, train
-    from cspine_ray.train.result import evaluate_prior, evaluate_result
 
-    print(f"quality benchmark: {args.studies} studies x {args.size} px, {args.epochs} epochs, "
-          f"backbone {args.backbone}, {os.cpu_count()} CPUs, load {load():.1f}")
-    data = generate(args)
+    print(f"quality benchmark: sets {', '.join(args.sets)}, {args.studies} studies x {args.size} "
+          f"px, {args.segmented:.0%} segmented, budget {SPACE.name}, {os.cpu_count()} CPUs, "
+          f"load {load():.1f}")
     init_ray(num_cpus=2, object_store_memory=400 * 2**20)
-    shards = preprocess(data, args)
     runs = args.storage / "runs"
     timings = Timings(args.storage / "timings.json")
-
-    rows = []
-    stage1, t = timed(timings, lambda: ensure_stage1(family_config("two_stage", args), shards, runs))
-    print(f"stage 1: {'reused ' if stage1.reused else ''}{stage1.path.name}, CV ratio+box error "
-          f"{stage1.info.cv_metric:.4f}" + (f", {t['seconds']:.0f} s" if t else ""))
-    stage1_timing = t
-    for family in FAMILIES:
-        cfg = family_config(family, args)
-        result, t = timed(timings, lambda: train(cfg, shards, runs, reuse=not args.retrain))
-        figures = evaluate_result(result, shards, cfg.effective_top_n)
-        rows.append({"name": family, "figures": figures, "timing": t})
-        print(f"{family}: OOF metric {figures['oof_metric']:.4f}, patient AUC "
-              f"{figures['oof_auc_patient_overall']:.3f}, best epoch {result.info.best_epoch}"
-              + (" (reused)" if result.reused else ""))
-    rows.append({"name": "constant prior", "figures": evaluate_prior(shards), "timing": None})
-
-    table = markdown(table_rows(rows))
-    prior = rows[-1]["figures"]["oof_metric"]
-    beaten = [r["name"] for r in rows[:-1] if r["figures"]["oof_metric"] < prior]
-    summary = verdict(rows[:-1] + [rows[-1]])
-    summary.append(f"families better than the constant prior ({prior:.4f}) on the OOF metric: "
-                   f"{', '.join(beaten) or 'none'}")
-    if stage1_timing:
-        summary.append(f"stage 1 (shared by two_stage, single_head, multi_head; not in 'train s'): "
-                       f"{stage1_timing['seconds']:.0f} s")
+    start = time.perf_counter()
+    report = [run_set(severity, args, runs, timings) for severity in args.sets]
+    text = "\n".join(report) + f"\nwall time {time.perf_counter() - start:.0f} s\n"
     print()
-    print(table)
-    print()
-    for line in summary:
-        print(line)
+    print(text)
     if args.report:
-        args.report.write_text(f"{table}\n\n" + "\n".join(f"- {line}" for line in summary) + "\n")
+        args.report.write_text(text)
     return 0
 
 

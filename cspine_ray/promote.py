@@ -13,7 +13,7 @@ import argparse
 import logging
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cspine_ray
@@ -64,7 +64,7 @@ def promote(tracking_uri: str, experiment: str | None = None, run_id: str | None
     from mlflow.tracking import MlflowClient
 
     from cspine_ray.predict.pyfunc import EnsembleModel, make_bundle
-    from cspine_ray.train.result import load_result
+    from cspine_ray.train.result import fit_result_calibrator, load_result
 
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -80,13 +80,17 @@ def promote(tracking_uri: str, experiment: str | None = None, run_id: str | None
     cv = float(metrics["cv_metric"])
     result = load_result(tags["result_dir"])
     top_n = params.get("top_n")  # logged only for families with a patient rule
+    calibrate = params.get("calibrate") == "True"
     info = {"run_id": run.info.run_id, "cv_metric": cv, "family": result.family,
-            "top_n": int(top_n) if top_n is not None else None,
+            "top_n": int(top_n) if top_n is not None else None, "calibrate": calibrate,
             "oof_metric": metrics.get("oof_metric"), "oof_auc_mean": metrics.get("oof_auc_mean")}
+    # the ensemble applies the calibrator fitted on all out-of-fold predictions (the trial's
+    # figures are of calibrators fitted on the other folds only)
+    calibrator = asdict(fit_result_calibrator(result, result.info.shards_dir)) if calibrate else None
 
     with tempfile.TemporaryDirectory(prefix="cspine-bundle-") as tmp:
         bundle = make_bundle(result.path, result.info.stage1_dir, result.info.shards_dir,
-                             Path(tmp) / "bundle", info)
+                             Path(tmp) / "bundle", {**info, "calibrator": calibrator})
         with mlflow.start_run(run_id=run.info.run_id):
             # the package travels with the model (code_paths), so it loads wherever MLflow
             # runs, with or without this checkout; its dependencies are pinned installables
@@ -190,11 +194,10 @@ def model_card(info: dict, result, metrics: dict) -> str:
         f"{fig('oof_auc_patient_overall')}; the constant prior (each fold predicted with the "
         f"other folds' prevalences) scores {prior:.4f}",
         f"- how chosen: epoch {trained.best_epoch} of {last['epoch']} is the epoch with the "
-        "best CV metric on these same folds, and this trial was the search's best by that "
-        "figure, so both are optimistic; the last epoch's CV metric was "
+        f"best cv_{trained.selected_on} on these same folds, and this trial was the search's "
+        "best by the CV metric, so both are optimistic; the last epoch's CV metric was "
         f"{last['cv_metric']:.4f}",
-        f"- patient_overall rule: top-N with N = {info.get('top_n')}"
-        if info.get("top_n") else "- patient_overall: predicted by the model itself",
+        patient_rule(info),
         "",
         "## Known limits",
         "- trained on one challenge dataset; on other hospitals, the challenge's top models fell "
@@ -202,6 +205,16 @@ def model_card(info: dict, result, metrics: dict) -> str:
         "- a study that cannot be read gets the training prior and its reason, not a score",
         "- vertebrae stage 1 does not find fall back to the prior",
     ])
+
+
+def patient_rule(info: dict) -> str:
+    if info.get("calibrate"):
+        return ("- probabilities: a calibrator (models/calibrator.py) fitted on all out-of-fold "
+                "predictions maps the 7 vertebra scores and found flags to the 8 outputs; the "
+                "figures above are cross-fitted (each fold calibrated by the other folds)")
+    if info.get("top_n"):
+        return f"- patient_overall rule: top-N with N = {info['top_n']}"
+    return "- patient_overall: predicted by the model itself"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

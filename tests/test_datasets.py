@@ -330,6 +330,47 @@ def test_choose_slices_always_returns_3l_indices_in_range():
         choose_slices(np.zeros((5, 7)), 7, 2)
 
 
+def test_choose_slices_run_keeps_only_the_run_around_the_peak():
+    table = table_with(2, [0.6, 0.8, 1.0, 0.7], 3)
+    table[15:17, 2] = 0.5  # a false-positive run far from the vertebra
+    idx, found = choose_slices(table, 2, length=2, smooth=1)
+    assert found and idx.tolist() == [3, 4, 5, 6, 15, 16]  # spread: the far run takes picks
+    idx, found = choose_slices(table, 2, length=2, smooth=1, choice="run")
+    # the run 3..6 around the peak at 5; 4 slices for 6 picks: positions 0,0,1,2,2,3
+    assert found and idx.tolist() == [3, 3, 4, 5, 5, 6]
+    faint = table_with(3, [0.05, 0.1, 0.2, 0.25, 0.2, 0.1, 0.05], 12)  # not found: same fallback
+    assert choose_slices(faint, 3, 2, smooth=1, choice="run")[0].tolist() == \
+        choose_slices(faint, 3, 2, smooth=1)[0].tolist()
+    with pytest.raises(ValueError, match="slice choice"):
+        choose_slices(table, 2, 2, choice="peak")
+
+
+def test_choose_slices_per_step():
+    idx, found = choose_slices(table_with(2, [1.0] * 10, 10), 2, length=2, smooth=1, per_step=5)
+    # 10 passing slices, 10 picks: every one of them
+    assert found and idx.tolist() == list(range(10, 20))
+
+
+def test_sequence_steps_of_five_slices_and_the_step_ratio(shards):
+    tables = shard_slice_tables(shards, [A])
+    # C4 passes 0.1 on slices 11..14: 10 picks from 4 slices, 11 11 11 12 12 | 13 13 13 14 14;
+    # with one step of 5: 11 11 12 13 14 (positions 0 0 1 2 3)
+    for length, steps in ((2, [[11, 11, 11, 12, 12], [13, 13, 13, 14, 14]]),
+                          (1, [[11, 11, 12, 13, 14]])):
+        ds = VertebraSequenceDataset(shards, [(A, 3)], tables, LABELS, length=length,
+                                     crop_size=24, windows=["bone", "soft"], smooth=1,
+                                     threshold=0.1, per_step=5)
+        s = ds[0]
+        assert ds.channels == 10 and s["image"].shape == (length, 10, 24, 24)
+        assert s["indices"].numpy().reshape(length, 5).tolist() == steps
+        for step, chosen in enumerate(steps):
+            for c, z in enumerate(chosen):  # bone window first, then soft
+                torch.testing.assert_close(s["image"][step, c], torch.full((24, 24), bone(z)))
+        # the step ratio: C4's ratio at each step's middle slice (smooth=1: the table itself)
+        middle = [chosen[2] for chosen in steps]
+        np.testing.assert_allclose(s["ratio"].numpy(), tables[A][middle, 3], rtol=1e-6)
+
+
 def test_study_crop_box():
     nan = [np.nan] * 4
     boxes = np.array([nan, [0.4, 0.4, 0.6, 0.5], [0.45, 0.42, 0.55, 0.6], [0.0, 0.0, 1.0, 1.0]])

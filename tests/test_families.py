@@ -24,6 +24,7 @@ def keys(c: TrainConfig) -> tuple[str, str]:
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("change", [
     {"top_n": 3},                          # re-scored from the out-of-fold predictions
+    {"calibrate": True},                   # fitted on the out-of-fold predictions
     {"resources.gpus": 1.0, "resources.num_workers": 5, "resources.max_failures": 0},
     {"input.loader_workers": 7},           # how fast batches come, not what they hold
 ])
@@ -35,7 +36,8 @@ def test_what_cannot_change_a_result_keeps_both_keys(family, change):
     {"stage1.epochs": 3}, {"stage1.lr": 3e-4}, {"stage1.backbone": "resnet18"},
     {"optim.weight_decay": 1e-3}, {"optim.t0": 2}, {"optim.eta_min": 1e-5}, {"optim.amp": False},
     {"input.windows": ["bone", "soft"]}, {"input.neighbour_offset": 2}, {"seed": 7},
-    {"pretrained": True}, {"augment.hflip_p": 0.0},
+    {"pretrained": True}, {"augment.hflip_p": 0.0}, {"stage1.anatomy": False},
+    {"stage1.pseudo_rounds": 1},
 ])
 def test_what_the_locator_reads_changes_stage1_and_every_family_that_uses_it(change):
     base = {f: keys(cfg(f)) for f in FAMILIES}
@@ -48,7 +50,9 @@ def test_what_the_locator_reads_changes_stage1_and_every_family_that_uses_it(cha
 
 @pytest.mark.parametrize("change", [{"optim.lr": 3e-3}, {"optim.epochs": 3},
                                     {"optim.batch_size": 2}, {"backbone": "resnet18"},
-                                    {"sequence.length": 4}, {"input.image_size": 64}])
+                                    {"sequence.length": 4}, {"input.image_size": 64},
+                                    {"input.visibility_threshold": 0.5},
+                                    {"sequence.flip_tta": True}])
 def test_what_the_locator_does_not_read_leaves_its_key(change):
     for family in FAMILIES:
         assert cfg(family, **change).stage1_key(MANIFEST) == cfg(family).stage1_key(MANIFEST)
@@ -63,14 +67,24 @@ def test_a_family_key_moves_only_with_the_sections_that_family_reads():
         assert (keys(cfg(family, backbone="resnet18"))[0] != keys(cfg(family))[0]) is moves
     for family in FAMILIES:  # a different data set is always a different result
         assert cfg(family).training_key("fedcba9876543210") != cfg(family).training_key(MANIFEST)
+    # every two-stage option retrains stage 2 (flip TTA too: it changes the validation
+    # predictions the best epoch is chosen on); the visibility rule retrains the 2D families
+    for change in ({"sequence.slice_choice": "run"}, {"sequence.per_step": 5},
+                   {"sequence.ratio_channel": True}, {"sequence.mask_not_found": True},
+                   {"sequence.flip_tta": True}):
+        assert keys(cfg("two_stage", **change))[0] != keys(cfg("two_stage"))[0], change
+    for family in ("single_head", "multi_head"):
+        assert (keys(cfg(family, **{"input.visibility_threshold": 0.5}))[0]
+                != keys(cfg(family))[0])
 
 
 def test_read_settings_are_the_sections_the_family_reads_plus_its_rule():
     assert sorted(cfg("cnn3d", top_n=3).read_settings()) == [
-        "augment", "family", "input", "model", "optim", "seed"]  # no rule: the model predicts it
+        "augment", "calibrate", "family", "input", "model", "optim", "seed"]  # no N: it predicts it
     two = cfg("two_stage").read_settings()
-    assert sorted(two) == ["augment", "backbone", "family", "input", "model", "optim",
-                           "pretrained", "seed", "sequence", "stage1", "top_n"]
+    assert sorted(two) == ["augment", "backbone", "calibrate", "family", "input", "model", "optim",
+                           "pretrained", "seed", "sequence", "stage1", "top_n", "weights"]
+    assert two["calibrate"] is False and cfg("cnn3d", calibrate=True).read_settings()["calibrate"]
     assert two["top_n"] == 7 and cfg("single_head").read_settings()["top_n"] == 1
     assert cfg("multi_head", top_n=4).read_settings()["top_n"] == 4
     assert "sequence" not in cfg("multi_head").read_settings()
@@ -113,3 +127,25 @@ def test_best_epoch_choice_skips_folds_and_epochs_without_a_figure():
     assert best_of([nan, nan, nan]) == 0        # no figure at all: keep the first epoch
     assert best_of([nan, 0.6, 0.5]) == 2        # the first real figure replaces NaN
     assert best_of([0.5, 0.5]) == 0             # ties keep the earlier epoch
+
+
+@pytest.mark.parametrize("task, selected", [
+    ("two_stage", "val_loss"), ("single_head", "val_loss"), ("multi_head", "val_loss"),
+    ("cnn3d", "metric"), ("locator", "metric"),
+])
+def test_the_best_epoch_is_chosen_on_a_figure_that_does_not_depend_on_n(task, selected):
+    from cspine_ray.train.tasks import JobData, make_task
+
+    data = JobData(shards_dir="", uids=[], folds={}, labels={}, segmented=set())
+    for top_n in (1, 7):
+        family = "two_stage" if task == "locator" else task
+        assert make_task(task, cfg(family, top_n=top_n), data).selected_on == selected
+
+
+def test_a_new_key_version_retrains_both_stages(monkeypatch):
+    import cspine_ray.train.config as config
+
+    before = keys(cfg("two_stage"))
+    monkeypatch.setattr(config, "KEY_VERSION", config.KEY_VERSION + 1)
+    after = keys(cfg("two_stage"))
+    assert before[0] != after[0] and before[1] != after[1]

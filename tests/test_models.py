@@ -256,7 +256,8 @@ def test_pretrained_without_network_fails_fast_and_clearly(monkeypatch):
     assert probes == [("HEAD", huggingface_hub.constants.ENDPOINT, backbone.PROBE_TIMEOUT_S)]
     assert 0 < backbone.PROBE_TIMEOUT_S <= 5
     assert cache_lookups and {repo for repo, _ in cache_lookups} == {"timm/test_resnet.r160_in1k"}
-    refused.match(r"'test_resnet'.*unreachable.*pretrained=False")
+    refused.match(r"'test_resnet'.*unreachable.*--weights FILE_OR_FOLDER.*`weights:`.*"
+                  r"HF_HUB_CACHE.*pretrained=False")
 
 
 def test_pretrained_offline_uses_weights_already_in_the_cache(tmp_path):

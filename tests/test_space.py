@@ -16,11 +16,22 @@ from cspine_ray.tune.space import DefineByRun, load_space, trial_values
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 
 
-@pytest.mark.parametrize("name", ["demo", "two_stage", "families"])
+@pytest.mark.parametrize("name", ["demo", "laptop", "two_stage", "families"])
 def test_shipped_spaces_load(name):
     space = load_space(SPACES / f"{name}.yaml")
     assert space.budget.trials >= 1 and space.description
     assert max_epochs(space) >= 1
+
+
+def test_the_real_data_spaces_fine_tune_and_the_cpu_spaces_need_no_download():
+    from cspine_ray.train.config import build_config
+
+    for name, pretrained in (("two_stage", True), ("families", True), ("demo", False),
+                             ("laptop", False)):
+        assert build_config(load_space(SPACES / f"{name}.yaml").base, {}).pretrained is pretrained
+    laptop = load_space(SPACES / "laptop.yaml")
+    # the patient rule (N or the calibrator) is searched; it costs no retraining
+    assert {"top_n", "calibrate"} <= set(laptop.params) and laptop.families() == ["two_stage"]
 
 
 def _space(tmp_path, **sections) -> Path:

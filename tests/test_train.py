@@ -47,6 +47,13 @@ def test_family_trains_on_fold_workers_and_exports(family, tiny_shards, storage,
                   "fold_0_train_loss", "cv_data_wait_fraction"):
             assert k in h and np.isfinite(h[k]), k
         assert h["cv_metric"] == pytest.approx((h["fold_0_metric"] + h["fold_1_metric"]) / 2)
+    # the epoch is chosen on an N-independent figure where there is a patient rule: the first
+    # epoch with the lowest CV vertebra loss (cnn3d: the metric; it has no N)
+    selected = "metric" if family == "cnn3d" else "val_loss"
+    assert result.info.selected_on == selected
+    best = min(range(len(history)), key=lambda i: (history[i][f"cv_{selected}"], i))
+    assert result.info.best_epoch == best + 1
+    assert result.info.cv_metric == history[best]["cv_metric"] == history[-1]["best_cv_metric"]
 
     data = JobData.load(tiny_shards, result.info.stage1_dir)
     oof = result.oof()
@@ -273,3 +280,55 @@ def test_two_concurrent_jobs_for_one_result_train_it_once(tiny_shards, tmp_path,
     assert sorted(r.reused for r in results) == [False, True]  # the second waited, then reused
     assert results[0].path == results[1].path
     assert len(list((tmp_path / "ray").iterdir())) == 1      # one Ray Train run
+
+
+@pytest.mark.parametrize("family", ["two_stage", "cnn3d"])
+def test_the_calibrator_is_cross_fitted_out_of_fold_and_applied_by_the_ensemble(
+        family, tiny_shards, storage, ray_local):
+    """calibrate=True scores each fold with a calibrator fitted on the other fold's out-of-fold
+    predictions (rebuilt here by hand from the parts); the ensemble with the calibrator fitted
+    on all of them gives calibrator(ensemble scores, found flags)."""
+    from cspine_ray.datasets.sequences import found_vertebrae
+    from cspine_ray.metric import evaluate
+    from cspine_ray.models.calibrator import fit_calibrator
+    from cspine_ray.predict.ensemble import Ensemble
+    from cspine_ray.train.result import fit_result_calibrator
+    from cspine_ray.train.tasks.base import SLICE_TABLES, load_slice_tables
+
+    cfg = tiny(family)
+    result = train(cfg, tiny_shards, storage)
+    data = JobData.load(tiny_shards)
+    oof = result.oof().set_index("study_uid")
+    uids = list(oof.index)
+    scores = oof[list(VERTEBRAE)].to_numpy(float)
+    if family == "two_stage":  # found: stage 2's rule on the out-of-fold stage-1 tables
+        tables = load_slice_tables(Path(result.info.stage1_dir) / SLICE_TABLES)
+        seq = cfg.sequence
+        found = np.stack([found_vertebrae(tables[u][:, :7], seq.threshold, seq.smooth) for u in uids])
+    else:  # no stage 1: every vertebra counts as found
+        found = np.ones((len(uids), 7), bool)
+    labels = data.label_frame(uids).to_numpy()
+    folds = oof["fold"].to_numpy()
+    by_hand = np.empty((len(uids), 8))
+    for k in (0, 1):
+        c = fit_calibrator(scores[folds != k], found[folds != k], labels[folds != k])
+        by_hand[folds == k] = c.predict(scores[folds == k], found[folds == k])
+    expected = evaluate(data.label_frame(uids), pd.DataFrame(by_hand, index=uids,
+                                                             columns=data.label_frame(uids).columns))
+    figures = evaluate_result(result, tiny_shards, cfg.effective_top_n, calibrate=True)
+    assert figures["oof_metric"] == pytest.approx(expected["metric"], rel=1e-9)
+    plain = evaluate_result(result, tiny_shards, cfg.effective_top_n)
+    assert figures["oof_metric"] != pytest.approx(plain["oof_metric"])
+
+    calibrator = fit_result_calibrator(result, tiny_shards)
+    assert calibrator == fit_calibrator(scores, found, labels)
+    plain_ensemble = Ensemble.load(result.path, device="cpu")
+    calibrated = Ensemble.load(result.path, device="cpu", calibrator=calibrator)
+    few = uids[:4]
+    raw, tables = plain_ensemble.predict(tiny_shards, few)
+    got, _ = calibrated.predict(tiny_shards, few)
+    flags = (np.stack([plain_ensemble.found(tables)[u] for u in few]) if tables
+             else np.ones((4, 7), bool))
+    np.testing.assert_allclose(got.loc[few].to_numpy(float),
+                               calibrator.predict(raw.loc[few, list(VERTEBRAE)].to_numpy(float), flags),
+                               rtol=1e-6)

@@ -39,11 +39,13 @@ def write_space(path: Path, trials: int, params: dict) -> Path:
 
 @pytest.fixture(scope="module")
 def search(tmp_path_factory, tiny_shards, ray_local):
-    """One 4-trial search: two sequence heads x N, so some trials differ only in N."""
+    """One 4-trial search: two sequence heads x the patient rule (N or the calibrator), so some
+    trials differ only in the rule."""
     root = tmp_path_factory.mktemp("tune")
     space = write_space(root / "tiny.yaml", 4, {
         "sequence.head": {"type": "categorical", "choices": ["lstm", "gru"]},
-        "top_n": {"type": "int", "low": 1, "high": 7}})
+        "top_n": {"type": "int", "low": 1, "high": 7},
+        "calibrate": {"type": "categorical", "choices": [False, True]}})
     storage = root / "runs"
     rc = main(["tune", "--space", str(space), "--shards", str(tiny_shards), "--storage", str(storage),
                "--experiment", EXPERIMENT, "--seed", "3"])
@@ -76,6 +78,7 @@ def test_every_trial_is_tracked_in_mlflow(search, tiny_dataset):
         params = run.data.params
         assert params["family"] == "two_stage" and params["sequence.head"] in ("lstm", "gru")
         assert params["top_n"] in {str(n) for n in range(1, 8)}
+        assert params["calibrate"] in ("True", "False")
         for key in ("cv_metric", "oof_metric", "oof_auc_mean", "fold_0_metric", "fold_1_metric"):
             assert key in run.data.metrics, key
         # the shard set is the run's MLflow dataset input, named and hashed like the manifest
@@ -246,3 +249,33 @@ def test_resume_after_killing_the_driver(tiny_shards, tmp_path, ray_local):
     assert len(trials) == 3                                     # no duplicated runs
     assert {t.info.status for t in trials} == {"FINISHED"}
     assert len({t.data.tags["ray_trial_id"] for t in trials}) == 3
+
+
+def test_a_calibrated_trial_is_scored_cross_fitted_and_promoted_with_its_calibrator(search, tmp_path):
+    import json
+
+    import mlflow
+
+    from cspine_ray.models.calibrator import Calibrator
+    from cspine_ray.train.result import evaluate_result, fit_result_calibrator, load_result
+
+    storage, uri = search
+    _, trials = _runs(uri, "trial")
+    calibrated = [t for t in trials if t.data.params["calibrate"] == "True"]
+    plain = [t for t in trials if t.data.params["calibrate"] == "False"]
+    assert calibrated and plain  # the seeded search samples both rules
+    run = calibrated[0]
+    result = load_result(run.data.tags["result_dir"])
+    shards = result.info.shards_dir
+    # the trial's figures are the cross-fitted calibrator's, not the top-N rule's
+    figures = evaluate_result(result, shards, int(run.data.params["top_n"]), calibrate=True)
+    assert run.data.metrics["oof_metric"] == pytest.approx(figures["oof_metric"])
+    promoted = promote(uri, run_id=run.info.run_id, force=True)
+    mlflow.set_tracking_uri(uri)
+    local = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/cspine-fracture/{promoted.version}", dst_path=str(tmp_path / "m")))
+    info = json.loads(next(local.rglob("model.json")).read_text())
+    assert info["calibrate"] is True
+    assert Calibrator.from_dict(info["calibrator"]) == fit_result_calibrator(result, shards)
+    model = mlflow.pyfunc.load_model(str(local))
+    assert model.unwrap_python_model().ensemble.calibrator == fit_result_calibrator(result, shards)

@@ -1,13 +1,17 @@
 """Two-stage family, stage 2: one sample = one vertebra of one study as a sequence of 2.5D crops.
 
 From the study's slice table (ratio C1..C7 + box per slice, ground truth or predicted by
-stage 1) `choose_slices` picks 3L slices for the vertebra, `study_crop_box` one crop box for
-all of them, and the dataset turns the 3L cropped slices into L 2.5D images: step i holds
-chosen slices 3i, 3i+1, 3i+2 (window-major channels when several windows are used).
+stage 1) `choose_slices` picks kL slices for the vertebra (k = 3 slices a step by default),
+`study_crop_box` one crop box for all of them, and the dataset turns the kL cropped slices into
+L 2.5D images: step i holds chosen slices ki ... ki + k - 1 (window-major channels when several
+windows are used).
 
 Slice choice (the thesis, section 4.5.2): smooth each vertebra's ratio with a centred rolling
 mean, keep the slices above the threshold, take 3L evenly spaced among them (repeating evenly
-when there are fewer). A vertebra that passes nowhere is not an error; it gets a defined
+when there are fewer). With choice="run" (the top teams' robust variant) only the contiguous run
+of passing slices around the smoothed peak is kept, so a false-positive run elsewhere in the
+study takes no picks and does not widen the crop. A step may hold k = `per_step` slices (1st
+place: 5) instead of 3. A vertebra that passes nowhere is not an error; it gets a defined
 fallback and found=False, which the model may answer with a prior:
   1. a trace of it (smoothed peak > MIN_PEAK): the contiguous run of slices around the peak
      whose smoothed ratio is at least half the peak;
@@ -34,6 +38,7 @@ from cspine_ray.io.errors import StudyError
 
 MIN_PEAK = 0.01  # below this a smoothed ratio is numerical noise, not a trace of the vertebra
 MIN_CROP = 0.05  # smallest crop side (fraction of the image): a collapsed predicted box stays usable
+SLICE_CHOICES = ("spread", "run")
 
 
 def smooth_ratios(ratio_table: np.ndarray, smooth: int) -> np.ndarray:
@@ -62,21 +67,38 @@ def spread(candidates: np.ndarray, count: int) -> np.ndarray:
 
 
 def choose_slices(ratio_table: np.ndarray, vertebra: int, length: int, threshold: float = 0.3,
-                  smooth: int = 5) -> tuple[np.ndarray, bool]:
-    """Slices for vertebra `vertebra` (0 = C1 ... 6 = C7) -> (int64 (3 * length,) ascending, found)."""
+                  smooth: int = 5, per_step: int = 3,
+                  choice: str = "spread") -> tuple[np.ndarray, bool]:
+    """Slices for vertebra `vertebra` (0 = C1 ... 6 = C7) -> (int64 (per_step * length,)
+    ascending, found)."""
     ratio_table = np.asarray(ratio_table)
     if ratio_table.ndim != 2 or ratio_table.shape[1] != N_VERTEBRAE or len(ratio_table) == 0:
         raise ValueError(f"ratio table must be (z > 0, {N_VERTEBRAE}), got {ratio_table.shape}")
     if not 0 <= vertebra < N_VERTEBRAE:
         raise ValueError(f"vertebra must be 0..{N_VERTEBRAE - 1}, got {vertebra}")
-    if length < 1:
-        raise ValueError(f"length must be at least 1, got {length}")
+    if length < 1 or per_step < 1:
+        raise ValueError(f"length and per_step must be at least 1, got {length}, {per_step}")
+    if choice not in SLICE_CHOICES:
+        raise ValueError(f"slice choice must be one of {SLICE_CHOICES}, got {choice!r}")
     smoothed = smooth_ratios(ratio_table, smooth)
-    count = 3 * length
-    passing = np.flatnonzero(smoothed[:, vertebra] > threshold)
+    count = per_step * length
+    column = smoothed[:, vertebra]
+    passing = np.flatnonzero(column > threshold)
+    if len(passing) and choice == "run":
+        passing = _run_around(column > threshold, int(passing[np.argmax(column[passing])]))
     if len(passing):
         return spread(passing, count), True
     return spread(_fallback_slices(smoothed, vertebra, threshold), count), False
+
+
+def _run_around(keep: np.ndarray, z: int) -> np.ndarray:
+    """The slices of the contiguous run of True in `keep` that contains slice z."""
+    start, stop = z, z + 1
+    while start > 0 and keep[start - 1]:
+        start -= 1
+    while stop < len(keep) and keep[stop]:
+        stop += 1
+    return np.arange(start, stop)
 
 
 def found_vertebrae(ratio_table: np.ndarray, threshold: float = 0.3, smooth: int = 5) -> np.ndarray:
@@ -90,13 +112,7 @@ def _fallback_slices(smoothed: np.ndarray, vertebra: int, threshold: float) -> n
     peak_z = int(np.argmax(column))
     peak = column[peak_z]
     if peak > MIN_PEAK:  # rule 1: the run around the peak at half its height
-        keep = column >= peak / 2
-        start, stop = peak_z, peak_z + 1
-        while start > 0 and keep[start - 1]:
-            start -= 1
-        while stop < len(column) and keep[stop]:
-            stop += 1
-        return np.arange(start, stop)
+        return _run_around(column >= peak / 2, peak_z)
     # rule 2: expected anatomical position within the cervical range (or the whole study)
     cervical = np.flatnonzero(smoothed.max(axis=1) > threshold)
     first, last = (cervical[0], cervical[-1]) if len(cervical) else (0, len(smoothed) - 1)
@@ -151,11 +167,13 @@ class VertebraSequenceDataset(Dataset):
     """(uid, vertebra) samples -> dict of one vertebra's sequence of L 2.5D crops.
 
     Sample keys:
-        image     float32 (L, 3 * n_windows, crop_size, crop_size), values in [0, 1]
+        image     float32 (L, k * n_windows, crop_size, crop_size), values in [0, 1]; k = per_step
+        ratio     float32 (L,) the smoothed slice-table ratio of the vertebra at each step's
+                  middle slice (how surely the step shows it; an optional input channel)
         vertebra  int (0 = C1 ... 6 = C7)
         label     float32 scalar, the study's label for this vertebra (only when labels are given)
         found     bool, False when the fallback chose the slices
-        indices   int64 (3L,) the chosen slices
+        indices   int64 (kL,) the chosen slices
         box       float32 (4) the crop box x0, y0, x1, y1 in [0, 1]
         uid       str
     slice_tables: uid -> (z, 11) ratio C1..C7 + box; labels: uid -> (8) in TARGETS order.
@@ -166,7 +184,8 @@ class VertebraSequenceDataset(Dataset):
                  labels: Mapping[str, np.ndarray] | None = None, length: int = 8,
                  threshold: float = 0.3, crop_size: int = 320,
                  windows: Sequence[str | Sequence[float]] = ("bone",), smooth: int = 5,
-                 margin: float = 0.1, max_open: int = 64):
+                 margin: float = 0.1, per_step: int = 3, choice: str = "spread",
+                 max_open: int = 64):
         if length < 1 or crop_size < 1:
             raise ValueError(f"length and crop_size must be positive, got {length}, {crop_size}")
         self.store = ShardStore(shards_dir, max_open=max_open)
@@ -187,10 +206,12 @@ class VertebraSequenceDataset(Dataset):
         self.windows = resolve_windows(windows)
         self.smooth = smooth
         self.margin = margin
+        self.per_step = per_step
+        self.choice = choice
 
     @property
     def channels(self) -> int:
-        return 3 * len(self.windows)
+        return self.per_step * len(self.windows)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -201,14 +222,17 @@ class VertebraSequenceDataset(Dataset):
         n, height, width = volume.shape
         table = check_slice_table(uid, self.slice_tables[uid], n)
         indices, found = choose_slices(table[:, :N_VERTEBRAE], vertebra, self.length, self.threshold,
-                                       self.smooth)
+                                       self.smooth, self.per_step, self.choice)
         box = study_crop_box(table[:, N_VERTEBRAE:], indices, self.margin)
         crop = box_to_pixels(box, height, width)
-        image = read_windowed(volume, indices, self.windows, self.crop_size, crop)  # (W, 3L, S, S)
-        size = self.crop_size
-        image = image.reshape(len(self.windows), self.length, 3, size, size).transpose(0, 1)
+        image = read_windowed(volume, indices, self.windows, self.crop_size, crop)  # (W, kL, S, S)
+        size, k = self.crop_size, self.per_step
+        image = image.reshape(len(self.windows), self.length, k, size, size).transpose(0, 1)
+        middle = indices.reshape(self.length, k)[:, k // 2]
+        ratio = smooth_ratios(table[:, :N_VERTEBRAE], self.smooth)[middle, vertebra]
         sample = {
             "image": image.reshape(self.length, self.channels, size, size).contiguous(),
+            "ratio": torch.from_numpy(np.clip(ratio, 0.0, 1.0).astype(np.float32)),
             "vertebra": vertebra,
             "found": found,
             "indices": torch.from_numpy(indices),

@@ -35,11 +35,11 @@ class SliceLocator(nn.Module):
     """
 
     def __init__(self, backbone: str = "convnext_tiny", pretrained: bool = False,
-                 in_chans: int = 3, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 prior_logit: PriorLogit = -2.0):
+                 weights: str | None = None, in_chans: int = 3, drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, prior_logit: PriorLogit = -2.0):
         super().__init__()
         self.backbone, num_features = create_backbone(backbone, pretrained, in_chans, drop_rate,
-                                                      drop_path_rate)
+                                                      drop_path_rate, weights=weights)
         self.ratio = linear_head(num_features, N_VERTEBRAE, prior_logit)
         self.box = linear_head(num_features, NUM_BOX, 0.0)
 

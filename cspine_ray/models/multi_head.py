@@ -24,12 +24,12 @@ class MultiHead(nn.Module):
     """
 
     def __init__(self, backbone: str = "tf_efficientnetv2_s", pretrained: bool = False,
-                 in_chans: int = 3, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 num_vertebrae: int = 7, prior_logit: PriorLogit = -2.0,
-                 presence_prior_logit: PriorLogit = -2.0):
+                 weights: str | None = None, in_chans: int = 3, drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, num_vertebrae: int = 7,
+                 prior_logit: PriorLogit = -2.0, presence_prior_logit: PriorLogit = -2.0):
         super().__init__()
         self.backbone, num_features = create_backbone(backbone, pretrained, in_chans, drop_rate,
-                                                      drop_path_rate)
+                                                      drop_path_rate, weights=weights)
         self.presence = linear_head(num_features, num_vertebrae, presence_prior_logit)
         self.fracture = linear_head(num_features, num_vertebrae, prior_logit)
 

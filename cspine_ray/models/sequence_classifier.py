@@ -32,14 +32,14 @@ class SequenceClassifier(nn.Module):
     """
 
     def __init__(self, backbone: str = "convnext_tiny", pretrained: bool = False,
-                 in_chans: int = 3, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 sequence_head: str = "lstm", hidden: int = 256, num_layers: int = 2,
-                 dropout: float = 0.1, num_heads: int = 4, max_len: int = 64,
+                 weights: str | None = None, in_chans: int = 3, drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, sequence_head: str = "lstm", hidden: int = 256,
+                 num_layers: int = 2, dropout: float = 0.1, num_heads: int = 4, max_len: int = 64,
                  vertebra_embedding: bool = False, num_vertebrae: int = 7,
                  prior_logit: PriorLogit = -2.0):
         super().__init__()
         self.backbone, num_features = create_backbone(backbone, pretrained, in_chans, drop_rate,
-                                                      drop_path_rate)
+                                                      drop_path_rate, weights=weights)
         self.vertebra_embedding = None
         if vertebra_embedding:
             self.vertebra_embedding = nn.Embedding(num_vertebrae, num_features)

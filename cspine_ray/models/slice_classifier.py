@@ -21,11 +21,12 @@ class SliceClassifier(nn.Module):
     """Slice (B, in_chans, H, W) -> logits (B, num_outputs)."""
 
     def __init__(self, backbone: str = "convnext_tiny", num_outputs: int = 7,
-                 pretrained: bool = False, in_chans: int = 3, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, prior_logit: PriorLogit = -2.0):
+                 pretrained: bool = False, weights: str | None = None, in_chans: int = 3,
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 prior_logit: PriorLogit = -2.0):
         super().__init__()
         self.backbone, num_features = create_backbone(backbone, pretrained, in_chans, drop_rate,
-                                                      drop_path_rate)
+                                                      drop_path_rate, weights=weights)
         self.head = linear_head(num_features, num_outputs, prior_logit)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@
     targets, tables = ensemble.predict(shards_dir, uids)
 
 Study probabilities are the mean of the fold models' (as the thesis averages its 5 folds);
-patient_overall follows the result's top-N rule (or the one given). The two-stage and 2D
+patient_overall follows the result's top-N rule (or the one given), or a calibrator fitted on
+the out-of-fold predictions gives all eight (models/calibrator.py). The two-stage and 2D
 families first run the stage-1 fold models (their slice tables averaged) on the same shards.
 Each stage is one pass over the data: every batch of slices (or of vertebra crops), spanning
 studies, is read once and run through all fold models (`Task.predict` takes the model list).
@@ -21,10 +22,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from cspine_ray import N_VERTEBRAE, TARGETS
-from cspine_ray.datasets.sequences import found_vertebrae
+from cspine_ray import TARGETS, VERTEBRAE
 from cspine_ray.models import create_model
-from cspine_ray.train.result import TrainResult, load_result
+from cspine_ray.models.calibrator import Calibrator
+from cspine_ray.train.result import TrainResult, found_flags, load_result
 from cspine_ray.train.tasks import make_task
 from cspine_ray.train.tasks.base import Studies, to_targets
 
@@ -39,6 +40,8 @@ def load_fold_models(result: TrainResult, device: torch.device) -> list[nn.Modul
         kwargs = dict(spec.kwargs)
         if "pretrained" in kwargs:
             kwargs["pretrained"] = False  # the fold weights replace them anyway
+        if "weights" in kwargs:
+            kwargs["weights"] = None      # nor may a promoted model need the pretrained file
         model = create_model(spec.name, **kwargs)
         model.load_state_dict(result.fold_weights(fold))
         models.append(model.to(device).eval())
@@ -53,10 +56,12 @@ class Ensemble:
     stage1_models: list[nn.Module]
     top_n: int | None
     device: torch.device
+    calibrator: Calibrator | None = None  # replaces the top-N rule when set
 
     @classmethod
     def load(cls, result_dir: str | Path, stage1_dir: str | Path | None = None,
-             top_n: int | None = None, device: str | torch.device | None = None) -> Ensemble:
+             top_n: int | None = None, device: str | torch.device | None = None,
+             calibrator: Calibrator | None = None) -> Ensemble:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         result = load_result(result_dir)
         stage1 = None
@@ -66,6 +71,7 @@ class Ensemble:
             result=result, models=load_fold_models(result, device), stage1=stage1,
             stage1_models=load_fold_models(stage1, device) if stage1 else [],
             top_n=top_n if top_n is not None else result.config.effective_top_n, device=device,
+            calibrator=calibrator,
         )
 
     @property
@@ -88,15 +94,18 @@ class Ensemble:
         tables = self.slice_tables(shards_dir, uids)
         task = make_task(self.result.family, self.result.config, Studies(str(shards_dir), tables))
         kwargs = {"prior": self.prior} if self.result.family == "two_stage" else {}
-        mean = task.predict(self.models, uids, self.device, **kwargs)
-        return to_targets(mean.loc[uids], self.top_n), tables
+        mean = task.predict(self.models, uids, self.device, **kwargs).loc[uids]
+        if self.calibrator is None:
+            return to_targets(mean, self.top_n), tables
+        probs = self.calibrator.predict(mean[list(VERTEBRAE)].to_numpy(np.float64),
+                                        found_flags(self.result, uids, tables))
+        return pd.DataFrame(probs, index=uids, columns=list(TARGETS)), tables
 
     def found(self, tables: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Per study of `tables` (predict's stage-1 tables), which vertebrae stage 1 saw: the
         found flags of stage 2's slice choice (7 bools)."""
-        seq = self.result.config.sequence
-        return {u: found_vertebrae(t[:, :N_VERTEBRAE], seq.threshold, seq.smooth)
-                for u, t in tables.items()}
+        uids = list(tables)
+        return dict(zip(uids, found_flags(self.result, uids, tables))) if uids else {}
 
     def prior_row(self) -> pd.Series:
         return pd.Series(self.prior, index=list(TARGETS))

@@ -5,7 +5,7 @@ A bundle folder (logged as the model's artifact) holds:
     result/   result.json, config.yaml, fold_<k>.pt   (the family's fold models)
     stage1/   the same for the stage-1 locator (families that have one)
     preprocess.json                                   (the shard settings training used)
-    model.json                                        (family, top_n, cv_metric, run id)
+    model.json                        (family, top_n or calibrator, cv_metric, run id)
 
 `predict(DataFrame with a "study_dir" column)` shards each study exactly as training did and
 returns C1..C7 + patient_overall per study; a study that cannot be read gets the training
@@ -49,14 +49,17 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
     """MLflow wrapper around `cspine_ray.predict.ensemble.Ensemble`."""
 
     def load_context(self, context):
+        from cspine_ray.models.calibrator import Calibrator
         from cspine_ray.predict.ensemble import Ensemble
         from cspine_ray.predict.inputs import load_preprocess_config
 
         bundle = Path(context.artifacts["bundle"])
         self.info = json.loads((bundle / "model.json").read_text())
         stage1 = bundle / "stage1"
+        calibrator = self.info.get("calibrator")
         self.ensemble = Ensemble.load(bundle / "result", stage1 if stage1.exists() else None,
-                                      top_n=self.info.get("top_n"))
+                                      top_n=self.info.get("top_n"),
+                                      calibrator=Calibrator.from_dict(calibrator) if calibrator else None)
         self.preprocess = load_preprocess_config(bundle / PREPROCESS)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:

@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from cspine_ray.synth.dataset import dataset_specs, missing_test_uid, write_dataset
+from cspine_ray.synth.dataset import SEGMENTED_FRACTION, dataset_specs, missing_test_uid, write_dataset
 from cspine_ray.synth.fractures import SEVERITIES
 
 
@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slice-spacing", type=float, default=1.0, help="mm between slices (default 1.0)")
     parser.add_argument("--severity", choices=SEVERITIES, default="subtle",
                         help="subtle (realistic) or obvious (learnable by small models at low resolution)")
+    parser.add_argument("--segmented-fraction", type=float, default=SEGMENTED_FRACTION,
+                        help=f"share of train studies with a segmentation (default {SEGMENTED_FRACTION}; "
+                             "the real data: 0.04); at least 2 in a set of 8 or more")
     parser.add_argument("--preview", action="store_true", help="also save OUT/preview.png")
 
 
@@ -44,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         specs = dataset_specs(args.studies, seed=args.seed, n_test=args.test_studies, size=args.size,
-                              slice_spacing=args.slice_spacing, severity=args.severity)
+                              slice_spacing=args.slice_spacing, severity=args.severity,
+                              segmented_fraction=args.segmented_fraction)
     except ValueError as e:
         print(f"cspine-ray synth: {e}")
         return 2

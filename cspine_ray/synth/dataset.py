@@ -5,7 +5,7 @@ prevalences, storage variants, which studies get segmentations and boxes); `writ
 renders and writes them:
 
     train_images/<UID>/<InstanceNumber>.dcm    test_images/<UID>/<InstanceNumber>.dcm
-    segmentations/<UID>.nii                    (about a quarter of the train studies)
+    segmentations/<UID>.nii                    (a quarter of the train studies by default)
     train.csv                 StudyInstanceUID, patient_overall, C1..C7
     train_bounding_boxes.csv  StudyInstanceUID, x, y, width, height, slice_number
     test.csv                  row_id, StudyInstanceUID, prediction_type
@@ -41,7 +41,9 @@ PATIENT_PREVALENCE = 0.476
 VERTEBRA_PREVALENCE = {"C1": 0.072, "C2": 0.141, "C3": 0.036, "C4": 0.053, "C5": 0.080,
                        "C6": 0.137, "C7": 0.195}
 FRACTURE_COUNT_P = {1: 0.65, 2: 0.25, 3: 0.07, 4: 0.03}   # fractured vertebrae per positive study
-SEGMENTED_FRACTION = 0.25
+SEGMENTED_FRACTION = 0.25   # train studies with a segmentation (the real data: 87 of 2019, 4%)
+MIN_SEGMENTED = 2           # ... but at least this many in a set of TRAINABLE_STUDIES or more,
+TRAINABLE_STUDIES = 8       # so stage 1 has one in each of two folds (folds deal them first)
 BOXED_FRACTION = 0.8        # positive train studies that get fracture boxes
 REVERSED_FRACTION = 0.15    # studies numbered feet -> head
 SIGNED_FRACTION = 0.3
@@ -86,8 +88,15 @@ def _draw_fractured(rng: np.random.Generator) -> tuple[str, ...]:
 
 
 def dataset_specs(n_train: int, seed: int = 0, n_test: int | None = None, size: int = 256,
-                  slice_spacing: float = 1.0, severity: str = "subtle") -> list[StudySpec]:
-    """Specs of every study with images (train first, then test); deterministic in the arguments."""
+                  slice_spacing: float = 1.0, severity: str = "subtle",
+                  segmented_fraction: float = SEGMENTED_FRACTION) -> list[StudySpec]:
+    """Specs of every study with images (train first, then test); deterministic in the arguments.
+
+    Each train study is segmented with probability `segmented_fraction`; with 2 or more train
+    studies at least one is, and with TRAINABLE_STUDIES or more at least MIN_SEGMENTED (the
+    first unsegmented ones are topped up). Only which studies are segmented depends on the
+    fraction: the images, labels and the other draws are the same for every fraction, and a
+    lower fraction's segmented studies are among a higher one's (before the top-up)."""
     if n_train < 1:
         raise ValueError("need at least one train study")
     if seed < 0:
@@ -98,6 +107,8 @@ def dataset_specs(n_train: int, seed: int = 0, n_test: int | None = None, size: 
         raise ValueError("size must be in 16..1024 pixels")
     if not 0.3 <= slice_spacing <= 10:
         raise ValueError("slice spacing must be in 0.3..10 mm")
+    if not 0 <= segmented_fraction <= 1:
+        raise ValueError("segmented fraction must be in 0..1")
     n_test = max(2, n_train // 8) if n_test is None else n_test
     specs = []
     for index in range(1, n_train + n_test + 1):
@@ -115,12 +126,17 @@ def dataset_specs(n_train: int, seed: int = 0, n_test: int | None = None, size: 
             transfer_syntax=TRANSFER_SYNTAXES[(index + seed) % len(TRANSFER_SYNTAXES)],
             z_increases_with_instance=bool(rng.random() < REVERSED_FRACTION),
             signed=signed, bits_stored=bits,
-            has_segmentation=split == "train" and bool(rng.random() < SEGMENTED_FRACTION),
+            has_segmentation=split == "train" and bool(rng.random() < segmented_fraction),
             has_boxes=split == "train" and bool(fractured) and bool(rng.random() < BOXED_FRACTION),
         ))
-    train = [s for s in specs if s.split == "train"]
-    if n_train >= 2 and not any(s.has_segmentation for s in train):
-        specs[0] = replace(specs[0], has_segmentation=True)
+    wanted = MIN_SEGMENTED if n_train >= TRAINABLE_STUDIES else 1 if n_train >= 2 else 0
+    missing = wanted - sum(s.has_segmentation for s in specs if s.split == "train")
+    for i in range(n_train):  # train studies come first
+        if missing <= 0:
+            break
+        if not specs[i].has_segmentation:
+            specs[i] = replace(specs[i], has_segmentation=True)
+            missing -= 1
     return specs
 
 

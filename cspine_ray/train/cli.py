@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from cspine_ray.config import load_yaml
 
@@ -22,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="GPUs for the job: 4 runs 5 folds on 4 whole GPUs, 0.5 shares one")
     parser.add_argument("--pretrained", action="store_true",
                         help="start from pretrained timm weights (needs them downloaded or cached)")
+    parser.add_argument("--weights", metavar="FILE_OR_FOLDER",
+                        help="pretrained backbone weights from this file, or from <backbone>"
+                             ".safetensors in this folder (implies --pretrained)")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     parser.add_argument("--no-reuse", action="store_true",
                         help="train both stages again from scratch even if results exist")
@@ -33,7 +37,9 @@ def config_from_args(args: argparse.Namespace):
     overrides = {"family": args.family or None, "optim.epochs": args.epochs,
                  "resources.num_workers": args.num_workers,
                  "resources.gpus": args.gpus,
-                 "pretrained": args.pretrained or None}
+                 "pretrained": args.pretrained or None,
+                 # absolute: Ray workers may run in another directory
+                 "weights": args.weights and str(Path(args.weights).resolve())}
     return build_config(load_yaml(args.config) if args.config else {},
                         {k: v for k, v in overrides.items() if v is not None})
 
@@ -51,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     figures = evaluate_result(result, shards, cfg.effective_top_n)
     info = result.info
     print(f"{cfg.family}: CV metric {info.cv_metric:.4f} at epoch {info.best_epoch} of "
-          f"{info.last['epoch']} (the epoch chosen on these same {result.n_folds} folds; the last "
+          f"{info.last['epoch']} (the epoch chosen on these same {result.n_folds} folds' "
+          f"cv_{info.selected_on}; the last "
           f"epoch's: {info.last['cv_metric']:.4f}); out-of-fold metric {figures['oof_metric']:.4f},"
           f" mean AUC {figures['oof_auc_mean']:.3f}")
     print(json.dumps(figures, indent=1))

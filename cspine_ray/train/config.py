@@ -14,8 +14,13 @@ from typing import Any
 from cspine_ray import N_VERTEBRAE
 from cspine_ray.config import digest, drop, from_dict, select, set_dotted, to_dict
 from cspine_ray.datasets.augment import AugmentConfig
+from cspine_ray.datasets.sequences import SLICE_CHOICES
 from cspine_ray.models.sequence import SEQUENCE_HEADS
 from cspine_ray.train.families import LOCATOR_SECTIONS, UNKEYED, Family, family
+
+# Part of every result key: bump it when training the same settings on the same data starts
+# to produce something else (2: the best epoch is chosen on an N-independent figure).
+KEY_VERSION = 2
 
 
 @dataclass
@@ -44,6 +49,15 @@ class InputConfig:
     eval_stride: int = 2        # 2D families: every k-th slice when predicting a study
     cube: int = 128             # cnn3d: the volume is resized to cube^3
     loader_workers: int = 2     # DataLoader processes per training worker
+    # 2D families: a slice shows a vertebra (and carries its fracture label) when its stage-1
+    # ratio exceeds this. The thesis: any pixel of it (ratio > 0 on a ground-truth mask); stage-1
+    # ratios are sigmoids, never exactly 0, so "any visible part" is 0.05 here.
+    visibility_threshold: float = 0.05
+
+    def __post_init__(self):
+        if not 0.0 <= self.visibility_threshold < 1.0:
+            raise ValueError("input.visibility_threshold must be in [0, 1), got "
+                             f"{self.visibility_threshold}")
 
     @property
     def channels(self) -> int:
@@ -62,10 +76,25 @@ class Stage1Config:
     slices_per_study: int = 64
     ratio_loss: str = "bce"     # the thesis used "l1"; BCE on the soft ratio trains much faster
     model: dict[str, Any] = field(default_factory=dict)
+    # predicted tables (validation, the out-of-fold tables, inference, pseudo labels) are made
+    # anatomical: C1..C7 ordered along z, contiguous, plausible lengths (datasets/anatomy.py);
+    # it lowered the CV error and z_error at 25% and at 5% segmented (benchmarks/stage1.py)
+    anatomy: bool = True
+    # pseudo-label rounds: after every `epochs` epochs the fold's best model labels the
+    # unsegmented studies of its own training folds, and `epochs` more follow on the segmented
+    # studies plus those (0 = off; training then takes epochs * (1 + pseudo_rounds) epochs).
+    # Off by default: on synthetic data it did not beat as many epochs without pseudo labels
+    pseudo_rounds: int = 0
+    pseudo_weight: float = 1.0      # pseudo-labelled slices per epoch / ground-truth slices
+    pseudo_min_peak: float = 0.5    # a study is pseudo-labelled when every vertebra peaks above
 
     def __post_init__(self):
         if self.ratio_loss not in ("bce", "l1"):
             raise ValueError(f"stage1.ratio_loss must be 'bce' or 'l1', got {self.ratio_loss!r}")
+        if self.pseudo_rounds < 0 or not self.pseudo_weight > 0:
+            raise ValueError("stage1.pseudo_rounds must be >= 0 and stage1.pseudo_weight > 0")
+        if not 0 <= self.pseudo_min_peak <= 1:
+            raise ValueError(f"stage1.pseudo_min_peak must be in [0, 1], got {self.pseudo_min_peak}")
 
 
 @dataclass
@@ -80,12 +109,23 @@ class SequenceConfig:
     hidden: int = 256
     layers: int = 2
     vertebra_embedding: bool = True
+    # the top teams' techniques, each measured on and off in benchmarks/quality.py
+    slice_choice: str = "spread"  # "run": only the passing run around the ratio peak
+    per_step: int = 3             # slices per 2.5D step (1st place: 5)
+    ratio_channel: bool = False   # the step's stage-1 ratio as an extra input plane
+    mask_not_found: bool = False  # leave vertebrae stage 1 did not find out of the loss
+    flip_tta: bool = False        # predict = mean over the crops and their mirror image
 
     def __post_init__(self):
         if self.head not in SEQUENCE_HEADS:
             raise ValueError(f"sequence.head must be one of {SEQUENCE_HEADS}, got {self.head!r}")
         if self.length < 1 or not 0 <= self.threshold < 1:
             raise ValueError("sequence.length must be >= 1 and threshold in [0, 1)")
+        if self.slice_choice not in SLICE_CHOICES:
+            raise ValueError(f"sequence.slice_choice must be one of {SLICE_CHOICES}, "
+                             f"got {self.slice_choice!r}")
+        if self.per_step < 1:
+            raise ValueError(f"sequence.per_step must be >= 1, got {self.per_step}")
 
 
 @dataclass
@@ -105,8 +145,13 @@ class TrainConfig:
     family: str = "two_stage"
     backbone: str = "convnext_tiny"
     pretrained: bool = False
+    weights: str | None = None      # local file or folder of pretrained backbone weights;
+    #                                 implies pretrained
     model: dict[str, Any] = field(default_factory=dict)  # extra create_model keyword arguments
     top_n: int | None = None        # patient_overall = top-N rule; None = the family's default
+    # a second-level model fitted on the out-of-fold predictions gives all 8 probabilities
+    # instead (models/calibrator.py); like N it is applied after training, costing none
+    calibrate: bool = False
     seed: int = 42
     optim: OptimConfig = field(default_factory=OptimConfig)
     input: InputConfig = field(default_factory=InputConfig)
@@ -142,26 +187,27 @@ class TrainConfig:
         d = select(to_dict(self), self.spec.sections)
         if self.effective_top_n is not None:
             d["top_n"] = self.effective_top_n
+        d["calibrate"] = self.calibrate
         return d
 
     def training_key(self, manifest_hash: str) -> str:
         """Identity of what training produces: the settings it reads and its stage 1's key.
 
-        N and the resources are not part of it: two trials that differ only in top_n (or in
-        how many GPUs they ran on) share one key, so the second reuses the first one's fold
-        models and out-of-fold predictions.
+        N, the calibrator and the resources are not part of it: two trials that differ only in
+        top_n or calibrate (or in how many GPUs they ran on) share one key, so the second
+        reuses the first one's fold models and out-of-fold predictions.
         """
         d = drop(select(to_dict(self), self.spec.sections), UNKEYED)
         d.pop("stage1", None)  # stands in the stage-1 key, with all the locator reads
         if self.needs_stage1:
             d["stage1_key"] = self.stage1_key(manifest_hash)
-        d["manifest"] = manifest_hash
+        d["manifest"], d["version"] = manifest_hash, KEY_VERSION
         return digest(d)
 
     def stage1_key(self, manifest_hash: str) -> str:
         """Identity of the stage-1 result: what the locator reads and the data only."""
         d = drop(select(to_dict(self), LOCATOR_SECTIONS), UNKEYED)
-        d["manifest"] = manifest_hash
+        d["manifest"], d["version"] = manifest_hash, KEY_VERSION
         return digest(d)
 
 

@@ -26,7 +26,7 @@ class Family:
 
 # read by every family's training (besides its own sections)
 _COMMON = ("family", "model", "seed", "optim", "input", "augment")
-_TIMM = ("backbone", "pretrained")
+_TIMM = ("backbone", "pretrained", "weights")
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("cnn3d", ("cnn3d",), top_n=None, needs_stage1=False, sections=_COMMON),
@@ -43,7 +43,7 @@ FAMILY_NAMES = tuple(FAMILIES)  # ("cnn3d", "single_head", "multi_head", "two_st
 
 # What the stage-1 locator's training reads: its own section, the slice input and the parts of
 # the optimiser it shares with the family (its epochs, batch size and lr are in stage1).
-LOCATOR_SECTIONS = ("stage1", "pretrained", "seed", "augment", "input.windows",
+LOCATOR_SECTIONS = ("stage1", "pretrained", "weights", "seed", "augment", "input.windows",
                     "input.neighbour_offset", "optim.weight_decay", "optim.t0", "optim.eta_min",
                     "optim.amp")
 # Settings that change how fast a job runs, never what it learns: left out of result keys.

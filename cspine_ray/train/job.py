@@ -185,7 +185,8 @@ def run_task(task_name: str, cfg: TrainConfig, shards: ShardSet | str | Path, st
             shards_dir=str(shards.root), stage1_dir=str(stage1_dir) if stage1_dir else None,
             model=ModelSpec(model_name, model_kwargs),
             prior=data.prior(data.uids).tolist(),  # the fallback for unreadable studies
-            history=[], best_epoch=0, cv_metric=float("nan"), created="")  # filled by _export
+            history=[], best_epoch=0, cv_metric=float("nan"), created="",  # filled by _export
+            selected_on=task.selected_on)
         _export(result.checkpoint, out, info)
         return load_result(out)
 

@@ -6,7 +6,8 @@ workers exchange their fold figures (a gloo all-gather), so every worker reports
 cross-validation mean and agrees on whether the epoch is the best so far.
 
 Each epoch's checkpoint holds, per fold: the latest state (to resume after a lost worker), the
-weights of the best epoch and that epoch's out-of-fold predictions, so the latest checkpoint
+weights of the best epoch and that epoch's out-of-fold predictions (and the extra training
+targets a task made for the fold, e.g. stage 1's pseudo labels), so the latest checkpoint
 alone is enough both to resume and to export the result.
 """
 
@@ -48,7 +49,8 @@ class JobSpec:
 
 
 def fold_file(fold: int, kind: str) -> str:
-    """Checkpoint file names: fold_<k>.state.pt, .best.pt, .oof.parquet, .tables.npz."""
+    """Checkpoint file names: fold_<k>.state.pt, .best.pt, .oof.parquet, .tables.npz,
+    .targets.npz."""
     return f"fold_{fold}.{kind}"
 
 
@@ -74,6 +76,9 @@ class FoldRun:
         self.best_state: dict | None = None
         self.best_preds: pd.DataFrame | None = None
         self.last_preds: pd.DataFrame | None = None
+        # training targets the task made for this fold (stage 1's pseudo labels: uid -> slice
+        # table), from its refresh_targets hook; checkpointed so a resumed fold trains on the same
+        self.targets: dict[str, np.ndarray] = {}
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         task, model = self.task, self.model
@@ -139,6 +144,9 @@ class FoldRun:
         if extras is not None:
             with open(folder / fold_file(self.fold, "tables.npz"), "wb") as f:
                 np.savez(f, **extras)
+        if self.targets:
+            with open(folder / fold_file(self.fold, "targets.npz"), "wb") as f:
+                np.savez(f, **self.targets)
 
     def restore(self, folder: Path) -> dict:
         state = torch_load(folder / fold_file(self.fold, "state.pt"))
@@ -151,6 +159,10 @@ class FoldRun:
         self.best_state = torch_load(folder / fold_file(self.fold, "best.pt"))["model"]
         oof = pd.read_parquet(folder / fold_file(self.fold, "oof.parquet"))
         self.best_preds = oof.drop(columns="fold").set_index("study_uid")
+        targets = folder / fold_file(self.fold, "targets.npz")
+        if targets.exists():
+            with np.load(targets, allow_pickle=False) as z:
+                self.targets = {k: z[k] for k in z.files}
         return {k: state[k] for k in ("epoch", "best_epoch", "best_cv", "history")}
 
 
@@ -202,26 +214,31 @@ class _Exchange:
         return merged
 
 
-def cv_metric(per_fold: dict[int, dict]) -> float:
-    """The epoch's CV metric: the mean over the folds that have one (a fold without validation
-    studies, or without a finite figure, is left out); NaN when none has."""
-    values = [m["metric"] for m in per_fold.values() if math.isfinite(m["metric"])]
+def cv_metric(per_fold: dict[int, dict], key: str = "metric") -> float:
+    """The epoch's CV mean of fold figure `key`: over the folds that have one (a fold without
+    validation studies, or without a finite figure, is left out); NaN when none has."""
+    values = [m[key] for m in per_fold.values() if math.isfinite(m.get(key, math.nan))]
     return float(np.mean(values)) if values else math.nan
 
 
 def improves(cv: float, best_cv: float, best_epoch: int) -> bool:
-    """Whether this epoch becomes the best: the first epoch at all, a lower CV metric, or the
+    """Whether this epoch becomes the best: the first epoch at all, a lower CV figure, or the
     first finite one after NaN. A run whose CV is NaN throughout keeps epoch 1; a NaN epoch
     never replaces a real one."""
     return best_epoch < 0 or cv < best_cv or (math.isnan(best_cv) and math.isfinite(cv))
 
 
-def epoch_report(epoch: int, per_fold: dict[int, dict], best_cv: float, best_epoch: int) -> dict:
-    """The figures every worker reports after an epoch (cv_metric is the one searches use)."""
+def epoch_report(epoch: int, per_fold: dict[int, dict], history: list[dict], best_epoch: int) -> dict:
+    """The figures every worker reports after an epoch (cv_metric is the one searches use).
+
+    best_cv_metric is the CV metric of the best epoch so far, an epoch chosen on the task's
+    `selected_on` figure (for a family with a patient rule the vertebra loss: N-independent)."""
     figures = summarize_folds(per_fold)
+    cv = figures.pop("cv_metric")
+    best = cv if best_epoch == epoch else history[best_epoch]["cv_metric"]
     # the first keys are the ones progress tables show
-    return {"cv_metric": figures.pop("cv_metric"), "cv_auc_mean": figures.pop("cv_auc_mean", math.nan),
-            "epoch": epoch + 1, "best_cv_metric": best_cv, "best_epoch": best_epoch + 1, **figures}
+    return {"cv_metric": cv, "cv_auc_mean": figures.pop("cv_auc_mean", math.nan),
+            "epoch": epoch + 1, "best_cv_metric": best, "best_epoch": best_epoch + 1, **figures}
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -254,17 +271,18 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(start, epochs):
         local = {}
         for k, run in runs.items():
+            run.targets = task.refresh_targets(k, epoch, run.targets, run.best_model, device)
             figures = run.train_epoch(epoch)
             figures.update(run.validate() if run.val_uids else {"metric": math.nan})
             local[k] = figures
         per_fold = exchange.gather(local)
-        cv = cv_metric(per_fold)
+        cv = cv_metric(per_fold, task.selected_on)
         improved = improves(cv, best_cv, best_epoch)
         if improved:
             best_cv, best_epoch = cv, epoch
         for run in runs.values():
             run.keep_if_best(improved)
-        report = epoch_report(epoch, per_fold, best_cv, best_epoch)
+        report = epoch_report(epoch, per_fold, history, best_epoch)
         history.append(report)
 
         folder = Path(tempfile.mkdtemp(prefix="cspine-ckpt-", dir=job.scratch))

@@ -18,12 +18,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cspine_ray import TARGETS
+from cspine_ray import N_VERTEBRAE, TARGETS, VERTEBRAE
 from cspine_ray.config import from_dict, to_dict
+from cspine_ray.datasets.sequences import found_vertebrae
 from cspine_ray.metric import evaluate
+from cspine_ray.models.calibrator import Calibrator, cross_fit, fit_calibrator
 from cspine_ray.preprocess.shards import ShardSet
 from cspine_ray.train.config import TrainConfig
-from cspine_ray.train.tasks.base import JobData, score_predictions, to_targets
+from cspine_ray.train.tasks.base import (SLICE_TABLES, JobData, load_slice_tables, score_targets,
+                                         to_targets)
 
 RESULT = "result.json"
 
@@ -50,9 +53,10 @@ class ResultInfo:
     model: ModelSpec
     prior: list[float]              # training prevalence of the 8 targets (unreadable studies)
     history: list[dict[str, Any]]   # every epoch's report (train/loop.py epoch_report)
-    best_epoch: int                 # 1-based epoch with the best CV metric (the fold weights)
+    best_epoch: int                 # 1-based epoch with the best cv_<selected_on> (the fold weights)
     cv_metric: float                # the CV metric of that epoch
     created: str
+    selected_on: str = "metric"     # the fold figure the epoch was chosen on (Task.selected_on)
 
     @property
     def best(self) -> dict[str, Any]:
@@ -121,19 +125,55 @@ def summarize_folds(per_fold: dict[int, dict]) -> dict[str, float]:
 
 
 def evaluate_result(result: TrainResult, shards: ShardSet | str | Path,
-                    top_n: int | None) -> dict[str, float]:
-    """A result's figures under the top-N rule, from its out-of-fold predictions.
+                    top_n: int | None, calibrate: bool = False) -> dict[str, float]:
+    """A result's figures under the top-N rule (or the calibrator), from its out-of-fold
+    predictions.
 
     cv_<name> and fold_<k>_<name> are per-fold figures and their mean (as during training);
     oof_<name> pools all studies (the competition metric, its global variant, the AUCs).
+    calibrate: the second-level model instead of the top-N rule, cross-fitted (each fold's
+    studies calibrated by a model fitted on the other folds' out-of-fold predictions).
     """
     data = JobData.load(shards)
     oof = result.oof().set_index("study_uid")
-    per_fold = {int(k): score_predictions(part.drop(columns="fold"), data, top_n)
-                for k, part in oof.groupby("fold")}
-    preds = to_targets(oof, top_n)
+    wide = calibrated_oof(result, data, oof) if calibrate else to_targets(oof, top_n)
+    per_fold = {int(k): score_targets(wide.loc[part.index], data) for k, part in oof.groupby("fold")}
     return {**summarize_folds(per_fold),
-            **{f"oof_{k}": v for k, v in evaluate(data.label_frame(preds.index), preds).items()}}
+            **{f"oof_{k}": v for k, v in evaluate(data.label_frame(wide.index), wide).items()}}
+
+
+def found_flags(result: TrainResult, uids: list[str],
+                tables: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """(n, 7) bool: the vertebrae stage 1 found in each study by stage 2's found rule, in
+    `tables` (default: the out-of-fold slice tables of the training studies); all True for a
+    family without stage 1."""
+    if not result.config.needs_stage1:
+        return np.ones((len(uids), N_VERTEBRAE), bool)
+    if tables is None:
+        tables = load_slice_tables(Path(result.info.stage1_dir) / SLICE_TABLES)
+    seq = result.config.sequence
+    return np.stack([found_vertebrae(tables[u][:, :N_VERTEBRAE], seq.threshold, seq.smooth)
+                     for u in uids])
+
+
+def _calibration_table(result: TrainResult, data: JobData, oof: pd.DataFrame):
+    uids = list(oof.index)
+    scores = oof[list(VERTEBRAE)].to_numpy(np.float64)
+    return scores, found_flags(result, uids), data.label_frame(uids).to_numpy(), uids
+
+
+def calibrated_oof(result: TrainResult, data: JobData, oof: pd.DataFrame) -> pd.DataFrame:
+    """Honest calibrated out-of-fold predictions (TARGETS columns), cross-fitted on the folds."""
+    scores, found, labels, uids = _calibration_table(result, data, oof)
+    out = cross_fit(scores, found, labels, oof["fold"].to_numpy())
+    return pd.DataFrame(out, index=uids, columns=list(TARGETS))
+
+
+def fit_result_calibrator(result: TrainResult, shards: ShardSet | str | Path) -> Calibrator:
+    """The calibrator a promoted ensemble applies: fitted on every out-of-fold prediction."""
+    data = JobData.load(shards)
+    scores, found, labels, _ = _calibration_table(result, data, result.oof().set_index("study_uid"))
+    return fit_calibrator(scores, found, labels)
 
 
 def evaluate_prior(shards: ShardSet | str | Path) -> dict[str, float]:

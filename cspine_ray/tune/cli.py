@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="TPE sampler seed")
     parser.add_argument("--pretrained", action="store_true",
                         help="start backbones from pretrained timm weights (must be downloadable or cached)")
+    parser.add_argument("--weights", metavar="FILE_OR_FOLDER",
+                        help="pretrained backbone weights from this file, or from <backbone>"
+                             ".safetensors in this folder (implies --pretrained)")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
 
 
@@ -81,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
                          trials=args.trials, resume=args.resume, gpus_per_trial=args.gpus_per_trial,
                          cpus_per_worker=args.cpus_per_worker, seed=args.seed,
                          max_concurrent=args.max_concurrent,
-                         pretrained=args.pretrained)
+                         pretrained=args.pretrained,
+                         weights=args.weights and str(Path(args.weights).resolve()))
     name, grid = run_search(opts)
     finished = final_results(grid)
     print(f"\nsearch {name}: {len(finished)} of {len(grid)} trials finished "

@@ -31,6 +31,7 @@ class SearchOptions:
     seed: int = 0
     max_concurrent: int | None = None  # cap on trials at once (default: what the cluster holds)
     pretrained: bool = False
+    weights: str | None = None       # local pretrained backbone weights (file or folder)
     overrides: dict | None = None    # TrainConfig values forced on every trial (tests, tiny runs)
 
 
@@ -103,6 +104,7 @@ def run_search(opts: SearchOptions):
     setup = TrialSetup(base=space.base, shards=shards,
                        storage=str(storage), gpus_per_trial=opts.gpus_per_trial,
                        cpus_per_worker=opts.cpus_per_worker, pretrained=opts.pretrained,
+                       weights=opts.weights,
                        overrides=dict(opts.overrides or {}), cluster=cluster)
     # every trial's jobs get this layout (resources do not depend on the sampled values);
     # it fails here, before any trial, if it can never be placed

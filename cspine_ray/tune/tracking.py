@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 _EPOCH_METRICS = re.compile(r"^(cv_(metric|auc_mean|auc_patient_overall|val_loss|train_loss|"
                             r"data_wait_fraction|samples_per_second|gpu_memory_gb|global_metric)|"
                             r"fold_\d+_(metric|auc_mean)|best_cv_metric)$")
-_FINAL_METRICS = re.compile(r"^(oof_.*|trial_seconds|last_epoch_cv_metric)$")
+_FINAL_METRICS = re.compile(r"^(oof_.*|trial_seconds|last_epoch_cv_metric|stage1_cv_(metric|ratio_mae|z_error))$")
 
 
 @functools.cache
@@ -69,18 +69,21 @@ def numeric_metrics(result: dict) -> dict[str, float]:
     return keep
 
 
-def trial_artifacts(result, shards, top_n: int | None, out: Path, n_views: int = 3) -> None:
+def trial_artifacts(result, shards, top_n: int | None, out: Path, n_views: int = 3,
+                    calibrate: bool = False) -> None:
     """Write a finished trial's artifacts (its TrainResult's predictions, figures, config) into
-    `out`; `shards` is the search's ShardSet."""
+    `out`; `shards` is the search's ShardSet. calibrate: the cross-fitted calibrated
+    predictions (the ones the trial's figures are of) instead of the top-N rule's."""
     import pandas as pd
 
     from cspine_ray.figures import calibration_figure, roc_figure, sagittal_figure, save
+    from cspine_ray.train.result import calibrated_oof
     from cspine_ray.train.tasks import JobData
     from cspine_ray.train.tasks.base import SLICE_TABLES, load_slice_tables, to_targets
 
     data = JobData.load(shards)
     oof = result.oof().set_index("study_uid")
-    preds = to_targets(oof, top_n)
+    preds = calibrated_oof(result, data, oof) if calibrate else to_targets(oof, top_n)
     labels = np.stack([data.labels[u] for u in preds.index])
     table = preds.assign(fold=oof["fold"]).reset_index()
     table.to_csv(out / "oof_predictions.csv", index=False)
@@ -234,9 +237,11 @@ class MlflowTracker(Callback):
 
             trained = load_result(result["result_dir"])
             top_n = result.get("top_n")  # the trial's own N; its result may come from another N
+            calibrate = bool(result.get("calibrate", False))  # likewise its own patient rule
             settings = trained.config.read_settings()
             if top_n is not None:
                 settings["top_n"] = int(top_n)
+            settings["calibrate"] = calibrate
             flat = _flatten(settings)
             logged = set(client.get_run(run_id).data.params)
             for k, v in flat.items():
@@ -251,7 +256,7 @@ class MlflowTracker(Callback):
                            if trained.config.spec.uses_backbone else "")
             with tempfile.TemporaryDirectory() as tmp:
                 try:
-                    trial_artifacts(trained, self.shards, top_n, Path(tmp))
+                    trial_artifacts(trained, self.shards, top_n, Path(tmp), calibrate=calibrate)
                     client.log_artifacts(run_id, tmp)
                 except Exception:  # figures must never lose a finished trial's run
                     log.exception("trial %s: could not write artifacts", trial.trial_id)

@@ -31,6 +31,7 @@ class TrialSetup:
     gpus_per_trial: float = 0.0
     cpus_per_worker: float = 1.0
     pretrained: bool = False
+    weights: str | None = None      # local pretrained backbone weights (file or folder)
     overrides: dict[str, Any] = field(default_factory=dict)  # e.g. resources.num_workers in tests
     cluster: Cluster | None = None  # the driver's view (autoscaler limits), for every trial
 
@@ -42,6 +43,8 @@ def trial_config(config: dict, setup: TrialSetup):
     values["resources.cpus_per_worker"] = setup.cpus_per_worker
     if setup.pretrained:
         values["pretrained"] = True
+    if setup.weights:
+        values["weights"] = setup.weights
     return build_config(setup.base, values)
 
 
@@ -59,7 +62,7 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
     # Ray Train run (nor its callbacks)
     result = train(cfg, setup.shards, setup.storage, callbacks=[TuneReportCallback()],
                    cluster=setup.cluster)
-    figures = evaluate_result(result, setup.shards, cfg.effective_top_n)
+    figures = evaluate_result(result, setup.shards, cfg.effective_top_n, cfg.calibrate)
     ray.tune.report({
         "cv_metric": figures["cv_metric"],          # first: the keys progress tables show
         "oof_auc_mean": figures["oof_auc_mean"],
@@ -71,7 +74,21 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
         "trial_seconds": time.time() - start,
         "result_dir": str(result.path),
         "stage1_dir": result.info.stage1_dir or "",
+        **stage1_figures(result.info.stage1_dir),  # stage 1's best epoch: beside every trial
         "training_key": result.info.key,
         "top_n": cfg.effective_top_n,               # None: the model predicts patient_overall
+        "calibrate": cfg.calibrate,                 # the second-level model instead of top-N
         "final": True,
     })
+
+
+def stage1_figures(stage1_dir: str | None) -> dict[str, float]:
+    """The stage-1 result's best-epoch CV figures (ratio+box error, ratio error, z_error in
+    slices) as stage1_cv_*; none for a family without stage 1."""
+    if not stage1_dir:
+        return {}
+    from cspine_ray.train.result import load_result
+
+    best = load_result(stage1_dir).info.best
+    return {f"stage1_{k}": float(best.get(k, float("nan")))
+            for k in ("cv_metric", "cv_ratio_mae", "cv_z_error")}

@@ -142,6 +142,13 @@ class Task(ABC):
     def split(self, fold: int) -> tuple[list[str], list[str]]:
         return self.data.split(fold)
 
+    @property
+    def selected_on(self) -> str:
+        """The fold figure the best epoch is chosen on. With a patient rule it is the vertebra
+        loss, which does not depend on N: a result shared by trials that differ only in N is
+        then the same whichever N trained it. cnn3d predicts patient_overall itself: the metric."""
+        return "val_loss" if self.cfg.effective_top_n is not None else "metric"
+
     # --- training --------------------------------------------------------------------------
     @abstractmethod
     def train_dataset(self, uids: list[str], epoch: int, fold: int) -> Dataset:
@@ -156,6 +163,12 @@ class Task(ABC):
                           num_workers=self.cfg.input.loader_workers,
                           pin_memory=device.type == "cuda",
                           generator=torch.Generator().manual_seed(seed) if train else None)
+
+    def refresh_targets(self, fold: int, epoch: int, targets: dict[str, np.ndarray],
+                        best_model, device: torch.device) -> dict[str, np.ndarray]:
+        """The loop asks before every epoch: extra training targets of `fold` (uid -> slice
+        table; stage 1's pseudo labels), checkpointed with the fold. None by default."""
+        return targets
 
     @abstractmethod
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
@@ -187,7 +200,11 @@ def to_targets(preds: pd.DataFrame, top_n: int | None) -> pd.DataFrame:
 
 
 def score_predictions(preds: pd.DataFrame, data: JobData, top_n: int | None) -> dict[str, float]:
-    wide = to_targets(preds, top_n)
+    return score_targets(to_targets(preds, top_n), data)
+
+
+def score_targets(wide: pd.DataFrame, data: JobData) -> dict[str, float]:
+    """The figures of 8-column predictions: the metric, its AUCs and the vertebra loss."""
     labels = data.label_frame(wide.index)
     scores = evaluate(labels, wide)
     scores["val_loss"] = vertebra_loss(labels.to_numpy(), wide.to_numpy())

@@ -23,6 +23,7 @@ class MultiHeadTask(FractureSliceTask):
 
     def model_spec(self) -> tuple[str, dict[str, Any]]:
         return "multi_head", {"backbone": self.cfg.backbone, "pretrained": self.cfg.pretrained,
+                              "weights": self.cfg.weights,
                               "in_chans": self.cfg.input.channels, **self.cfg.model}
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """single_head (thesis 4.4.1): slice model B predicts fracture per vertebra = visible x label.
 
 Model A of the thesis, "which vertebrae does this slice show", is the stage-1 locator (its
-ratio > 0.5 is the visibility pseudo-label); a study's vertebra probability is the maximum over
-its slices and patient_overall the maximum over vertebrae (top-N with N=1 by default).
+ratio > input.visibility_threshold is the visibility pseudo-label); a study's vertebra
+probability is the maximum over its slices and patient_overall the maximum over vertebrae
+(top-N with N=1 by default).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class SingleHeadTask(FractureSliceTask):
 
     def model_spec(self) -> tuple[str, dict[str, Any]]:
         return "slice_classifier", {"backbone": self.cfg.backbone, "pretrained": self.cfg.pretrained,
+                                    "weights": self.cfg.weights,
                                     "in_chans": self.cfg.input.channels, "num_outputs": 7,
                                     **self.cfg.model}
 

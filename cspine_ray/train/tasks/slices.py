@@ -37,7 +37,11 @@ class SliceTask(Task):
             neighbour_offset=self.cfg.input.neighbour_offset,
             windows=self.cfg.input.windows,
             slice_table=self.slice_table(),
+            visibility_threshold=self.visibility_threshold(),
         )
+
+    def visibility_threshold(self) -> float:
+        return self.cfg.input.visibility_threshold
 
     def train_dataset(self, uids: list[str], epoch: int, fold: int) -> SliceDataset:
         rng = np.random.default_rng([self.cfg.seed, fold, epoch])

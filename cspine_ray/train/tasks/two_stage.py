@@ -3,6 +3,11 @@
 Samples are (study, vertebra) pairs; the slices and the crop come from the stage-1 slice table
 (out-of-fold for training studies). patient_overall follows the top-N rule (N=7 by default). A
 vertebra the slice table never shows above the threshold gets the training prior, not a guess.
+
+The top teams' options (`SequenceConfig`): the robust slice choice and the slices per step are
+the dataset's; the ratio channel is appended after augmentation (a plane of the step's stage-1
+ratio, which brightness and contrast must not change); not-found vertebrae can be left out of
+the loss (prediction gives them the prior anyway); flip TTA averages over the mirror image.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ class TwoStageTask(Task):
         s = self.cfg.sequence
         return "sequence_classifier", {
             "backbone": self.cfg.backbone, "pretrained": self.cfg.pretrained,
-            "in_chans": self.cfg.input.channels, "sequence_head": s.head, "hidden": s.hidden,
+            "weights": self.cfg.weights,
+            "in_chans": self.in_chans, "sequence_head": s.head, "hidden": s.hidden,
             "num_layers": s.layers, "vertebra_embedding": s.vertebra_embedding, **self.cfg.model,
         }
 
@@ -40,17 +46,40 @@ class TwoStageTask(Task):
             slice_tables if slice_tables is not None else self.data.slice_tables,
             labels=self.data.labels if labels else None, length=s.length, threshold=s.threshold,
             crop_size=s.crop_size, windows=self.cfg.input.windows, smooth=s.smooth,
+            per_step=s.per_step, choice=s.slice_choice,
         )
+
+    @property
+    def in_chans(self) -> int:
+        s = self.cfg.sequence
+        return s.per_step * len(self.cfg.input.windows) + int(s.ratio_channel)
 
     def train_dataset(self, uids: list[str], epoch: int, fold: int) -> VertebraSequenceDataset:
         return self.dataset(uids)
 
-    def _forward(self, model: nn.Module, image: torch.Tensor, vertebra: torch.Tensor) -> torch.Tensor:
-        return model(image, vertebra if self.cfg.sequence.vertebra_embedding else None)
+    def _forward(self, model: nn.Module, image: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Logits (B,) of (B, L, C, S, S) crops; the ratio plane is added here, after any
+        augmentation of the crops."""
+        if self.cfg.sequence.ratio_channel:
+            ratio = batch["ratio"].to(image.dtype)[:, :, None, None, None]  # (B, L, 1, 1, 1)
+            image = torch.cat([image, ratio.expand(*image.shape[:2], 1, *image.shape[3:])], dim=2)
+        return model(image, batch["vertebra"] if self.cfg.sequence.vertebra_embedding else None)
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
         image = augment_batch(batch["image"], self.cfg.augment, generator)
-        return weighted_bce(self._forward(model, image, batch["vertebra"]), batch["label"])
+        logits, label = self._forward(model, image, batch), batch["label"]
+        if self.cfg.sequence.mask_not_found:
+            found = batch["found"]
+            if not found.any():  # nothing to learn from here; keep the graph for backward
+                return logits.sum() * 0.0
+            logits, label = logits[found], label[found]
+        return weighted_bce(logits, label)
+
+    def _probabilities(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        p = torch.sigmoid(self._forward(model, batch["image"], batch).float())
+        if self.cfg.sequence.flip_tta:  # mirror left-right: the anatomy's own symmetry
+            p = (p + torch.sigmoid(self._forward(model, batch["image"].flip(-1), batch).float())) / 2
+        return p
 
     @torch.no_grad()
     def predict(self, models: Sequence[nn.Module], uids: list[str], device: torch.device,
@@ -69,8 +98,7 @@ class TwoStageTask(Task):
             found = batch["found"].numpy()
             batch = to_device(batch, device)
             with autocast(device, self.optim().amp):
-                p = torch.stack([torch.sigmoid(self._forward(m, batch["image"], batch["vertebra"]).float())
-                                 for m in models]).mean(0)
+                p = torch.stack([self._probabilities(m, batch) for m in models]).mean(0)
             for uid, v, pi, f in zip(batch["uid"], batch["vertebra"].tolist(), p.cpu().numpy(), found):
                 if f:  # not found: keep the prior
                     probs[uid][v] = pi

@@ -1,0 +1,107 @@
+"""The two-stage model's optional techniques (SequenceConfig): each changes what the model sees
+or learns from, and only that. Stub models record their input; expected values by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from cspine_ray.train.config import build_config
+from cspine_ray.train.tasks import JobData, make_task
+
+
+def task(**sequence):
+    cfg = build_config({"family": "two_stage", "input": {"windows": ["bone", "soft"]},
+                        "sequence": sequence}, {})
+    return make_task("two_stage", cfg, JobData(shards_dir="", uids=[], folds={}, labels={},
+                                               segmented=set()))
+
+
+class Recorder(nn.Module):
+    """Returns the given logits (one per sample) and keeps the last input it saw."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = nn.Parameter(torch.tensor(logits, dtype=torch.float32))
+        self.seen = None
+
+    def forward(self, image, vertebra=None):
+        self.seen = image
+        return self.logits + 0 * image.mean(dim=(1, 2, 3, 4))
+
+
+def batch(n=3, length=2, channels=6, size=4, found=(True, True, True)):
+    return {"image": torch.rand(n, length, channels, size, size),
+            "ratio": torch.tensor([[0.2, 0.9], [0.5, 0.5], [1.0, 0.0]])[:n],
+            "vertebra": torch.tensor([0, 3, 6])[:n], "label": torch.tensor([1.0, 0.0, 1.0])[:n],
+            "found": torch.tensor(found)}
+
+
+def test_ratio_channel_is_a_plane_of_each_steps_ratio_after_the_crops():
+    t = task(ratio_channel=True, per_step=3)
+    assert t.in_chans == 3 * 2 + 1 and t.model_spec()[1]["in_chans"] == 7
+    b, model = batch(), Recorder([0.0, 0.0, 0.0])
+    t._forward(model, b["image"], b)
+    seen = model.seen
+    assert seen.shape == (3, 2, 7, 4, 4)
+    torch.testing.assert_close(seen[:, :, :6], b["image"])          # the crops unchanged
+    for i in range(3):
+        for step in range(2):
+            assert (seen[i, step, 6] == b["ratio"][i, step]).all()
+    off = task(per_step=5)
+    assert off.in_chans == 5 * 2 and off.model_spec()[1]["in_chans"] == 10
+    model = Recorder([0.0, 0.0, 0.0])
+    off._forward(model, b["image"], b)
+    assert model.seen.shape == b["image"].shape                       # nothing added
+
+
+def bce(logit, label, weight):
+    p = 1 / (1 + math.exp(-logit))
+    return -weight * (label * math.log(p) + (1 - label) * math.log(1 - p))
+
+
+def test_not_found_vertebrae_can_be_left_out_of_the_loss():
+    logits = [2.0, -1.0, 0.5]
+    b = batch(found=(True, False, True))
+    # weights: positive 2, negative 1 (the metric's vertebra rows)
+    everyone = (bce(2.0, 1, 2) + bce(-1.0, 0, 1) + bce(0.5, 1, 2)) / (2 + 1 + 2)
+    found_only = (bce(2.0, 1, 2) + bce(0.5, 1, 2)) / (2 + 2)
+    g = torch.Generator().manual_seed(0)
+    plain = task(mask_not_found=False).loss(Recorder(logits), b, g)
+    masked = task(mask_not_found=True).loss(Recorder(logits), b, g)
+    assert plain.item() == pytest.approx(everyone, rel=1e-5)
+    assert masked.item() == pytest.approx(found_only, rel=1e-5)
+    # a batch with nothing found: zero loss that still back-propagates
+    model = Recorder(logits)
+    none = task(mask_not_found=True).loss(model, batch(found=(False, False, False)), g)
+    none.backward()
+    assert none.item() == 0.0 and model.logits.grad is not None
+
+
+class LeftMinusRight(nn.Module):
+    """Logit = mean of the left half minus the right half: flips to minus itself in a mirror."""
+
+    def forward(self, image, vertebra=None):
+        half = image.shape[-1] // 2
+        return 4 * (image[..., :half].mean(dim=(1, 2, 3, 4)) - image[..., half:].mean(dim=(1, 2, 3, 4)))
+
+
+def test_flip_tta_averages_over_the_mirror_image():
+    b = batch()
+    b["image"][..., :2] = 1.0
+    b["image"][..., 2:] = 0.0  # left bright, right dark: logit 4 for every sample
+    plain = task(flip_tta=False)._probabilities(LeftMinusRight(), b)
+    tta = task(flip_tta=True)._probabilities(LeftMinusRight(), b)
+    torch.testing.assert_close(plain, torch.full((3,), 1 / (1 + math.exp(-4.0))))
+    # (sigmoid(4) + sigmoid(-4)) / 2 = 0.5
+    torch.testing.assert_close(tta, torch.full((3,), 0.5))
+
+
+def test_option_values_are_checked():
+    with pytest.raises(ValueError, match="slice_choice"):
+        task(slice_choice="peak")
+    with pytest.raises(ValueError, match="per_step"):
+        task(per_step=0)
