@@ -36,7 +36,7 @@ def test_what_cannot_change_a_result_keeps_both_keys(family, change):
     {"stage1.epochs": 3}, {"stage1.lr": 3e-4}, {"stage1.backbone": "resnet18"},
     {"optim.weight_decay": 1e-3}, {"optim.t0": 2}, {"optim.eta_min": 1e-5}, {"optim.amp": False},
     {"input.windows": ["bone", "soft"]}, {"input.neighbour_offset": 2}, {"seed": 7},
-    {"pretrained": True}, {"augment.hflip_p": 0.0}, {"stage1.anatomy": False},
+    {"pretrained": True}, {"augment.hflip_p": 0.0}, {"stage1.anatomy": True},
     {"stage1.pseudo_rounds": 1},
 ])
 def test_what_the_locator_reads_changes_stage1_and_every_family_that_uses_it(change):

@@ -138,7 +138,7 @@ def test_z_error_and_found_by_hand():
 
 
 def test_locator_score_reports_z_error_beside_the_ratio_error(tmp_path):
-    cfg = build_config({**TINY_TRAIN, "family": "two_stage"}, {})
+    cfg = build_config({**TINY_TRAIN, "family": "two_stage"}, {"stage1.anatomy": True})
     data = JobData(str(tmp_path), ["a", "b"], {"a": 0, "b": 0}, {}, {"a", "b"})
     task = make_task("locator", cfg, data)
     preds = pd.DataFrame({"ratio_mae": [0.1, 0.3], "box_mae": [0.02, 0.04],
@@ -146,7 +146,7 @@ def test_locator_score_reports_z_error_beside_the_ratio_error(tmp_path):
                           **{f"z_error_{v}": [1.0, np.nan] for v in VERTEBRAE},
                           "raw_ratio_mae": [0.2, 0.4], "raw_box_mae": [0.02, 0.04],
                           "raw_z_error": [2.0, 6.0], "raw_found_rate": [1.0, 1.0]}, index=["a", "b"])
-    assert cfg.stage1.anatomy                                # the default
+    assert cfg.stage1.anatomy                                # raw_* figures beside
     figures = task.score(preds, ["a", "b"])
     assert figures["metric"] == pytest.approx(0.2 + 0.03)
     assert figures["z_error"] == pytest.approx(3.0) and figures["found_rate"] == pytest.approx(0.75)
