@@ -32,7 +32,7 @@ from cspine_ray.datasets.anatomy import constrain_table, localisation_errors
 from cspine_ray.datasets.tables import SLICE_TABLE_WIDTH
 from cspine_ray.models import decode_locator, split_locator_outputs
 from cspine_ray.train.config import OptimConfig, TrainConfig
-from cspine_ray.train.tasks.base import JobData, Studies, sample_cervical_slices
+from cspine_ray.train.tasks.base import JobData, Studies
 from cspine_ray.train.tasks.slices import SliceTask
 
 
@@ -42,7 +42,6 @@ class LocatorTask(SliceTask):
     def __init__(self, cfg: TrainConfig, data: JobData | Studies):
         super().__init__(cfg, data)
         self.pseudo: dict[int, dict[str, np.ndarray]] = {}  # fold -> uid -> pseudo slice table
-        self._targets: dict[str, np.ndarray] | None = None  # while building a pseudo epoch
 
     @property
     def image_size(self) -> int:
@@ -52,8 +51,7 @@ class LocatorTask(SliceTask):
         return self.cfg.stage1.slices_per_study
 
     def slice_table(self) -> dict | None:
-        # ground truth from the shards' segmentations; in a pseudo epoch also the fold's tables
-        return self._targets
+        return None  # ground truth from the shards' segmentations (pseudo epochs add tables)
 
     def visibility_threshold(self) -> float:
         return 0.5  # the box loss applies where a vertebra is at least half shown
@@ -121,20 +119,12 @@ class LocatorTask(SliceTask):
         if not pseudo:
             return super().train_dataset(uids, epoch, fold)
         rng = np.random.default_rng([self.cfg.seed, fold, epoch])
-        store = ShardStore(self.data.shards_dir, max_open=4)
-        items = []
-        for uid in uids:
-            n = store.get(uid).volume.shape[0]
-            items += [(uid, int(z)) for z in sample_cervical_slices(None, n, self.slices_per_study(), rng)]
+        items = self.train_items(uids, rng)
         names = sorted(pseudo)
         count = int(round(self.cfg.stage1.pseudo_weight * len(items)))
         for i in np.sort(rng.choice(len(names), count)):
             items.append((names[i], int(rng.integers(len(pseudo[names[i]])))))
-        self._targets = pseudo
-        try:
-            return self.dataset(items)
-        finally:
-            self._targets = None
+        return self.dataset(items, slice_table=pseudo)
 
     # --- prediction ------------------------------------------------------------------------
     def model_tables(self, models: Sequence[nn.Module], uids: list[str],

@@ -29,14 +29,15 @@ class SliceTask(Task):
         """Per-slice targets: stage-1 predictions for every study (None: the shards' own)."""
         return self.data.slice_tables
 
-    def dataset(self, items, labels=True) -> SliceDataset:
+    def dataset(self, items, labels=True, slice_table: dict | None = None) -> SliceDataset:
+        """Slice samples; per-slice targets from `slice_table` (default: the task's own)."""
         return SliceDataset(
             self.data.shards_dir, items,
             labels=self.data.labels if labels else None,
             image_size=self.image_size,
             neighbour_offset=self.cfg.input.neighbour_offset,
             windows=self.cfg.input.windows,
-            slice_table=self.slice_table(),
+            slice_table=self.slice_table() if slice_table is None else slice_table,
             visibility_threshold=self.visibility_threshold(),
         )
 
@@ -44,7 +45,10 @@ class SliceTask(Task):
         return self.cfg.input.visibility_threshold
 
     def train_dataset(self, uids: list[str], epoch: int, fold: int) -> SliceDataset:
-        rng = np.random.default_rng([self.cfg.seed, fold, epoch])
+        return self.dataset(self.train_items(uids, np.random.default_rng([self.cfg.seed, fold, epoch])))
+
+    def train_items(self, uids: list[str], rng: np.random.Generator) -> list[tuple[str, int]]:
+        """(uid, z) of one epoch: slices_per_study per study, mostly cervical ones."""
         store = ShardStore(self.data.shards_dir, max_open=4)
         table = self.slice_table() or {}
         items = []
@@ -52,7 +56,7 @@ class SliceTask(Task):
             n = store.get(uid).volume.shape[0]
             picks = sample_cervical_slices(table.get(uid), n, self.slices_per_study(), rng)
             items += [(uid, int(z)) for z in picks]
-        return self.dataset(items)
+        return items
 
     @torch.no_grad()
     def slice_outputs(self, models: Sequence[nn.Module], uids: list[str], device: torch.device,
