@@ -52,7 +52,7 @@ def test_what_the_locator_reads_changes_stage1_and_every_family_that_uses_it(cha
                                     {"optim.batch_size": 2}, {"backbone": "resnet18"},
                                     {"sequence.length": 4}, {"input.image_size": 64},
                                     {"input.visibility_threshold": 0.5},
-                                    {"sequence.flip_tta": True}])
+                                    {"sequence.flip_tta": True}, {"input.native": False}])
 def test_what_the_locator_does_not_read_leaves_its_key(change):
     for family in FAMILIES:
         assert cfg(family, **change).stage1_key(MANIFEST) == cfg(family).stage1_key(MANIFEST)

@@ -33,6 +33,7 @@ def test_shards_hold_exactly_what_the_generator_wrote(tiny_shards, tiny_specs):
     manifest = read_manifest(tiny_shards).set_index("study_uid")
     assert {s.z_increases_with_instance for s in tiny_specs} == {False, True}  # both directions
     assert len({s.transfer_syntax for s in tiny_specs}) >= 4
+    assert any(s.size > 64 for s in tiny_specs)  # a study with a native level
     for spec in tiny_specs:
         row = manifest.loc[spec.uid]
         assert row["status"] == "ok", row["reason"]
@@ -41,6 +42,11 @@ def test_shards_hold_exactly_what_the_generator_wrote(tiny_shards, tiny_specs):
         # same reader-independent resampling of the true HU: equal only if decoding, HU,
         # slice order and direction are all exactly right
         np.testing.assert_array_equal(np.asarray(shard.volume), resize_slices(truth.hu, 64))
+        # the 1.5x studies (96 px) keep their own pixels in the native level; 64 px ones have none
+        if spec.size > 64:
+            np.testing.assert_array_equal(np.asarray(shard.native), truth.hu)
+        else:
+            assert shard.native is None
         if spec.split == "train":
             assert {t: int(row[t]) for t in TARGETS} == spec.targets
             assert row["fold"] in (0, 1)

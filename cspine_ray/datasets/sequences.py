@@ -177,6 +177,8 @@ class VertebraSequenceDataset(Dataset):
         box       float32 (4) the crop box x0, y0, x1, y1 in [0, 1]
         uid       str
     slice_tables: uid -> (z, 11) ratio C1..C7 + box; labels: uid -> (8) in TARGETS order.
+    native: crop from the shards' native-resolution level where they have one (the box is in
+    [0, 1] of the image, so the same crop at up to twice the pixels).
     """
 
     def __init__(self, shards_dir: str | Path, samples: Sequence[tuple[str, int]],
@@ -185,7 +187,7 @@ class VertebraSequenceDataset(Dataset):
                  threshold: float = 0.3, crop_size: int = 320,
                  windows: Sequence[str | Sequence[float]] = ("bone",), smooth: int = 5,
                  margin: float = 0.1, per_step: int = 3, choice: str = "spread",
-                 max_open: int = 64):
+                 native: bool = False, max_open: int = 64):
         if length < 1 or crop_size < 1:
             raise ValueError(f"length and crop_size must be positive, got {length}, {crop_size}")
         self.store = ShardStore(shards_dir, max_open=max_open)
@@ -208,6 +210,7 @@ class VertebraSequenceDataset(Dataset):
         self.margin = margin
         self.per_step = per_step
         self.choice = choice
+        self.native = native
 
     @property
     def channels(self) -> int:
@@ -218,7 +221,7 @@ class VertebraSequenceDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         uid, vertebra = self.samples[i]
-        volume = self.store.get(uid).volume
+        volume = self.store.get(uid).slices(self.native)
         n, height, width = volume.shape
         table = check_slice_table(uid, self.slice_tables[uid], n)
         indices, found = choose_slices(table[:, :N_VERTEBRAE], vertebra, self.length, self.threshold,

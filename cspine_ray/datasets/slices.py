@@ -72,13 +72,15 @@ class SliceDataset(Dataset):
         z           int
     labels: uid -> (8) array in TARGETS order; slice_table: uid -> (z, 11) ratio + box
     (e.g. stage-1 predictions), used instead of the shard's targets for the uids it has.
+    native: read the shards' native-resolution level where they have one (the 2D families);
+    stage 1 reads the shard-size volume.
     """
 
     def __init__(self, shards_dir: str | Path, items: Sequence[tuple[str, int]],
                  labels: Mapping[str, np.ndarray] | None = None, image_size: int = 384,
                  neighbour_offset: int = 1, windows: Sequence[str | Sequence[float]] = ("bone",),
                  slice_table: Mapping[str, np.ndarray] | None = None,
-                 visibility_threshold: float = 0.5, max_open: int = 64):
+                 visibility_threshold: float = 0.5, native: bool = False, max_open: int = 64):
         if neighbour_offset < 0:
             raise ValueError(f"neighbour_offset must be >= 0, got {neighbour_offset}")
         if image_size < 1:
@@ -88,6 +90,7 @@ class SliceDataset(Dataset):
         self.image_size = image_size
         self.neighbour_offset = neighbour_offset
         self.visibility_threshold = visibility_threshold
+        self.native = native
         # compact arrays rather than a list of tuples: cheap to pickle into every worker
         self.uids: list[str] = list(dict.fromkeys(uid for uid, _ in items))
         index = {uid: i for i, uid in enumerate(self.uids)}
@@ -126,7 +129,7 @@ class SliceDataset(Dataset):
             raise StudyError(uid, f"slice {z} out of range (the study has {n})")
         k = self.neighbour_offset
         neighbours = np.clip([z - k, z, z + k], 0, n - 1)
-        image = read_windowed(shard.volume, neighbours, self.windows, self.image_size)
+        image = read_windowed(shard.slices(self.native), neighbours, self.windows, self.image_size)
         image = image.reshape(self.channels, self.image_size, self.image_size)
 
         ratio, box, has_targets = self._targets(uid, shard, z)

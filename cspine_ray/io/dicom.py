@@ -606,35 +606,44 @@ def _rescale(pixels: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     return apply_modality_lut(pixels, ds)  # RescaleSlope/Intercept or a modality LUT
 
 
-def _decode_hu(path: Path, study: str, shape: tuple[int, int], levels: int, label: str) -> np.ndarray:
-    """One file as HU at `levels` halvings of the series shape. StudyError names the file (label).
+def _decode_hu(path: Path, study: str, shape: tuple[int, int], levels: tuple[int, ...],
+               label: str) -> list[np.ndarray]:
+    """One file as HU at each of `levels` halvings of the series shape, from one decode.
+    StudyError names the file (label).
 
-    JPEG 2000 files that allow it are decoded straight at the reduced resolution; any other file
-    is decoded in full and halved with the same 5/3 filter (same values: see io/jpeg2000.py).
+    For one level, JPEG 2000 files that allow it are decoded straight at the reduced resolution;
+    otherwise the file is decoded in full and halved with the same 5/3 filter (same values: see
+    io/jpeg2000.py), so asking for several levels at once gives each the pixels it gets alone.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(path, force=True)
-            pixels = decode_reduced(ds, levels) if levels and (int(ds.Rows), int(ds.Columns)) == shape else None
-            if pixels is None:
+            pixels = None
+            if len(levels) == 1 and levels[0] and (int(ds.Rows), int(ds.Columns)) == shape:
+                pixels = decode_reduced(ds, levels[0])
+            if pixels is not None:
+                images = [_rescale(pixels, ds)]
+            else:
                 pixels = ds.pixel_array
                 if pixels.ndim == 2 and (pixels.shape != shape or pixels.dtype.kind not in "iu"):
                     # an odd-sized (or float) slice: HU, resized to the series shape, then halved
-                    hu = _resize_bilinear(np.asarray(_rescale(pixels, ds), dtype=np.float32), shape)
-                    return halve(_to_int16(hu), levels, (-32768, 32767))
-                if levels and pixels.ndim == 2:
+                    hu = _to_int16(_resize_bilinear(np.asarray(_rescale(pixels, ds), dtype=np.float32), shape))
+                    return [halve(hu, n, (-32768, 32767)) for n in levels]
+                if pixels.ndim == 2:
                     bits = int(ds.get("BitsStored", 0) or 0) or 8 * pixels.dtype.itemsize
-                    pixels = halve(pixels, levels, stored_range(bits, pixels.dtype.kind == "i"))
-            hu = _rescale(pixels, ds)
+                    value_range = stored_range(bits, pixels.dtype.kind == "i")
+                    images = [_rescale(halve(pixels, n, value_range) if n else pixels, ds) for n in levels]
+                else:
+                    images = [_rescale(pixels, ds)]
     except Exception as exc:  # decoder plugins raise assorted types
         hint = (" (`pip install cspine-ray[gpl-jpeg]` adds libjpeg, which decodes more JPEG "
                 "variants)" if isinstance(exc, NotImplementedError) or "plugins" in str(exc) else "")
         raise StudyError(study, f"cannot decode {label}: {type(exc).__name__}: "
                                 f"{_scrubbed(str(exc), path, label)[:200]}{hint}") from exc
-    if hu.ndim != 2:
-        raise StudyError(study, f"cannot decode {label}: expected one 2-D frame, got shape {hu.shape}")
-    return hu
+    if images[0].ndim != 2:
+        raise StudyError(study, f"cannot decode {label}: expected one 2-D frame, got shape {images[0].shape}")
+    return images
 
 
 def iter_hu_slices(info: SeriesInfo, levels: int = 0) -> Iterator[np.ndarray]:
@@ -643,9 +652,16 @@ def iter_hu_slices(info: SeriesInfo, levels: int = 0) -> Iterator[np.ndarray]:
     levels > 0 delivers every slice at `halved_shape(info.shape, levels)`: the JPEG 2000 5/3
     low-pass band, decoded at that resolution where the file allows (much less CPU).
     """
+    for images in iter_hu_levels(info, (levels,)):
+        yield images[0]
+
+
+def iter_hu_levels(info: SeriesInfo, levels: tuple[int, ...]) -> Iterator[tuple[np.ndarray, ...]]:
+    """Yield each canonical slice at several resolutions at once (one int16 HU image per entry
+    of `levels`), decoding each file once: a shard's reduced and native levels in one read."""
     labels = info.file_labels or tuple(file_label(p, i) for i, p in enumerate(info.files, start=1))
     for path, label in zip(info.files, labels):
-        yield _to_int16(_decode_hu(path, info.study, info.shape, levels, label))
+        yield tuple(_to_int16(hu) for hu in _decode_hu(path, info.study, info.shape, tuple(levels), label))
 
 
 def read_series(folder: str | Path, study: str | None = None) -> tuple[np.ndarray, SeriesInfo]:

@@ -77,4 +77,6 @@ def load_preprocess_config(path: str | Path) -> PreprocessConfig:
         log.warning("the model was trained on shards of format %s, this version writes format %s "
                     "(see SHARD_FORMAT in cspine_ray/preprocess/shards.py): new studies are resampled "
                     "slightly differently; retrain on re-made shards for exact agreement", trained, SHARD_FORMAT)
-    return from_dict(PreprocessConfig, settings["config"])
+    config = dict(settings["config"])
+    config.setdefault("native_size", 0)  # settings from before the native level: none
+    return from_dict(PreprocessConfig, config)

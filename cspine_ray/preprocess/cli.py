@@ -13,6 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="shard folder (local path or shared storage)")
     parser.add_argument("--config", help="YAML file with PreprocessConfig keys")
     parser.add_argument("--size", type=int, help="in-plane size of the shards (default 256)")
+    parser.add_argument("--native-size", type=int,
+                        help="side of the native-resolution level for stage-2 crops and the 2D "
+                             "families (default 512; 0: none)")
     parser.add_argument("--folds", type=int, help="number of CV folds (default 5)")
     parser.add_argument("--seed", type=int, help="fold assignment seed (default 42)")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
@@ -23,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
     data = load_yaml(args.config) if args.config else {}
-    for key, value in (("size", args.size), ("n_folds", args.folds), ("seed", args.seed)):
+    for key, value in (("size", args.size), ("native_size", args.native_size),
+                       ("n_folds", args.folds), ("seed", args.seed)):
         if value is not None:
             data[key] = value
     return from_dict(PreprocessConfig, data)

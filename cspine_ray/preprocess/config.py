@@ -10,6 +10,10 @@ from cspine_ray.config import digest, to_dict
 @dataclass(frozen=True)
 class PreprocessConfig:
     size: int = 256                  # in-plane size of every shard slice (z spacing is kept)
+    # the native-resolution level beside it (native.npy), for stage-2 crops and the 2D families:
+    # the study's own size up to this (a 512 px study: 512; 768 px: 512), written when that is
+    # larger than `size`; 0: none (every model then reads the `size` level)
+    native_size: int = 512
     n_folds: int = 5                 # cross-validation folds stored in the manifest
     seed: int = 42                   # fold assignment seed
     min_region_pixels: int = 8       # connected regions smaller than this are mask noise, not vertebrae
@@ -22,6 +26,9 @@ class PreprocessConfig:
             raise ValueError(f"size must be in 16..1024, got {self.size}")
         if not 2 <= self.n_folds <= 20:
             raise ValueError(f"n_folds must be in 2..20, got {self.n_folds}")
+        if self.native_size and not self.size < self.native_size <= 2048:
+            raise ValueError(f"native_size must be 0 (no native level) or in {self.size + 1}..2048 "
+                             f"(larger than size {self.size}), got {self.native_size}")
         if self.chunk_slices < 1:
             raise ValueError("chunk_slices must be >= 1")
 
@@ -29,4 +36,12 @@ class PreprocessConfig:
         """Hash of the settings that change shard contents (folds and resources do not)."""
         d = to_dict(self)
         keep = {k: d[k] for k in ("size", "min_region_pixels", "min_bone_hu")}
+        if self.native_size:  # absent when off: shards without a native level keep their hash
+            keep["native_size"] = self.native_size
         return digest(keep)
+
+    def native_side(self, shape: tuple[int, int]) -> int:
+        """In-plane size of a study's native level (0: none): its own size up to native_size,
+        when that is finer than the shard size."""
+        side = min(self.native_size, max(shape))
+        return side if side > self.size else 0

@@ -1,6 +1,8 @@
 """One shard per study: a folder of memory-mappable .npy arrays plus meta.json; the shard set.
 
     studies/<uid>/volume.npy  int16 (z, S, S) HU, canonical order (head -> feet)
+    studies/<uid>/native.npy  int16 (z, N, N) the same slices at native resolution (N: the
+                              study's own size up to native_size), when finer than S
     studies/<uid>/mask.npy    uint8 (z, S, S) vertebra labels      } only for studies
     studies/<uid>/ratio.npy   float32 (z, 7) C1..C7 ratio targets  } with a segmentation
     studies/<uid>/box.npy     float32 (z, 4) C1-C7 box, NaN rows   }
@@ -35,9 +37,10 @@ from cspine_ray.preprocess.manifest import manifest_hash, read_manifest, usable
 STUDIES = "studies"  # the folder of the shards inside a shard set
 # 2: Pillow resampling (values may differ from format 1 by 1 HU); 3: 5/3 halvings first;
 # 4: the segmentation and box checks of issue 12 (pixels as in 3; masks that fail are dropped)
-SHARD_FORMAT = 4
+# 5: the native-resolution level (volume.npy and the targets as in 4)
+SHARD_FORMAT = 5
 SAME_PIXELS_SINCE = 3  # new studies shard to the same pixels for models trained on formats >= 3
-ARRAYS = ("volume", "mask", "ratio", "box")
+ARRAYS = ("volume", "native", "mask", "ratio", "box")
 META = "meta.json"
 TMP_PREFIX = ".tmp-"
 
@@ -49,6 +52,7 @@ class Shard:
     path: Path
     meta: dict
     volume: np.ndarray
+    native: np.ndarray | None = None
     mask: np.ndarray | None = None
     ratio: np.ndarray | None = None
     box: np.ndarray | None = None
@@ -60,6 +64,11 @@ class Shard:
     @property
     def spacing(self) -> tuple[float, float, float]:
         return tuple(self.meta["spacing"])
+
+    def slices(self, native: bool) -> np.ndarray:
+        """The volume a model reads: the native level when asked for and the shard has one,
+        else the shard-size volume (same slices; crops and boxes are in [0, 1] of either)."""
+        return self.native if native and self.native is not None else self.volume
 
     @property
     def fracture_boxes(self) -> list[list[float]]:

@@ -4,7 +4,8 @@ The study's slices are streamed: each chunk is decoded (at half or quarter resol
 is still at least the shard size, see resample.py), converted to HU and resampled to the shard
 size before the next is read, and written straight into a memory-mapped .npy file, so a
 768x768x600 study needs the full-resolution label volume at most (when segmented), never the
-full-resolution HU volume.
+full-resolution HU volume. With a native level (`native_size`), each file is decoded once and
+written at both sizes: the shard size for stage 1 and native resolution for the crops.
 
 The images and the labels decide whether a study is usable; its annotations are optional: a
 segmentation that fails its checks, or fracture boxes that do not fit the images, are dropped
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from cspine_ray import VERTEBRAE
-from cspine_ray.io.dicom import SeriesInfo, iter_hu_slices, scan_series
+from cspine_ray.io.dicom import SeriesInfo, iter_hu_levels, iter_hu_slices, scan_series
 from cspine_ray.io.errors import StudyError
 from cspine_ray.io.segmentation import AlignedSegmentation, load_segmentation
 from cspine_ray.preprocess import shards
@@ -123,17 +124,27 @@ def build_shard(item: StudyItem, cfg: PreprocessConfig, final: Path, fingerprint
     # data_root: where symlinked files must lead (the symlink policy, io/rsna.resolves_inside)
     info = scan_series(item.image_dir, study=uid, root=item.data_root)
     check_usable(info)
-    size = cfg.size
+    size, native = cfg.size, cfg.native_side(info.shape)
     levels = halvings(info.shape, size)  # 512 px -> 256: read at half resolution, no resize
     tmp = shards.new_tmp_dir(final.parent, uid)
     try:
-        volume = np.lib.format.open_memmap(
-            tmp / "volume.npy", mode="w+", dtype=np.int16, shape=(len(info.files), size, size)
-        )
+        shape = (len(info.files), size, size)
+        volume = np.lib.format.open_memmap(tmp / "volume.npy", mode="w+", dtype=np.int16, shape=shape)
+        fine = None
+        if native:  # both levels from one decode of each file
+            fine = np.lib.format.open_memmap(tmp / "native.npy", mode="w+", dtype=np.int16,
+                                             shape=(len(info.files), native, native))
+            reads = iter_hu_levels(info, (levels, halvings(info.shape, native)))
+        else:
+            reads = ((image,) for image in iter_hu_slices(info, levels))
         start = 0
-        for chunk in _chunks(iter_hu_slices(info, levels), cfg.chunk_slices):
-            volume[start : start + len(chunk)] = resize_slices(np.stack(chunk), size)
+        for chunk in _chunks(reads, cfg.chunk_slices):
+            volume[start : start + len(chunk)] = resize_slices(np.stack([c[0] for c in chunk]), size)
+            if fine is not None:
+                fine[start : start + len(chunk)] = resize_slices(np.stack([c[1] for c in chunk]), native)
             start += len(chunk)
+        if fine is not None:
+            fine.flush()
         volume.flush()
         if start != len(info.files):
             raise StudyError(uid, f"series delivered {start} slices, expected {len(info.files)}")
@@ -161,8 +172,8 @@ def build_shard(item: StudyItem, cfg: PreprocessConfig, final: Path, fingerprint
             "split": item.split,
             "shape": [len(info.files), size, size],
             "source_shape": list(info.shape),
-            "spacing": [info.spacing[0], info.spacing[1] * source_step(info.shape[0], size, levels),
-                        info.spacing[2] * source_step(info.shape[1], size, levels)],
+            "spacing": _spacing(info, size),
+            "native": {"side": native, "spacing": _spacing(info, native)} if native else None,
             "instance_numbers": list(info.instance_numbers),
             "z_positions": list(info.z_positions),
             "z_increases_with_instance": info.z_increases_with_instance,
@@ -178,6 +189,13 @@ def build_shard(item: StudyItem, cfg: PreprocessConfig, final: Path, fingerprint
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _spacing(info: SeriesInfo, side: int) -> list[float]:
+    """(z, row, col) mm of a level of `side` pixels, read at its halvings then resized."""
+    levels = halvings(info.shape, side)
+    return [info.spacing[0], info.spacing[1] * source_step(info.shape[0], side, levels),
+            info.spacing[2] * source_step(info.shape[1], side, levels)]
 
 
 def process_study(item: StudyItem, cfg: PreprocessConfig, out_dir: str,

@@ -53,6 +53,10 @@ class InputConfig:
     # ratio exceeds this. The thesis: any pixel of it (ratio > 0 on a ground-truth mask); stage-1
     # ratios are sigmoids, never exactly 0, so "any visible part" is 0.05 here.
     visibility_threshold: float = 0.05
+    # stage-2 crops and the 2D families' slices come from the shards' native-resolution level
+    # (512 px for real CT; preprocess native_size) where they have one: hairline fractures keep
+    # their detail. Stage 1 and cnn3d always read the shard-size volume.
+    native: bool = True
 
     def __post_init__(self):
         if not 0.0 <= self.visibility_threshold < 1.0:

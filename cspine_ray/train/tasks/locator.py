@@ -56,6 +56,9 @@ class LocatorTask(SliceTask):
     def visibility_threshold(self) -> float:
         return 0.5  # the box loss applies where a vertebra is at least half shown
 
+    def native(self) -> bool:
+        return False  # stage 1 keeps its small view of whole slices: the shard-size volume
+
     def optim(self) -> OptimConfig:
         s1, o = self.cfg.stage1, self.cfg.optim
         return OptimConfig(epochs=s1.epochs * (1 + s1.pseudo_rounds), batch_size=s1.batch_size, lr=s1.lr,

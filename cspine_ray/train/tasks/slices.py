@@ -39,10 +39,15 @@ class SliceTask(Task):
             windows=self.cfg.input.windows,
             slice_table=self.slice_table() if slice_table is None else slice_table,
             visibility_threshold=self.visibility_threshold(),
+            native=self.native(),
         )
 
     def visibility_threshold(self) -> float:
         return self.cfg.input.visibility_threshold
+
+    def native(self) -> bool:
+        """Read the shards' native-resolution level (the 2D families: input.native)."""
+        return self.cfg.input.native
 
     def train_dataset(self, uids: list[str], epoch: int, fold: int) -> SliceDataset:
         return self.dataset(self.train_items(uids, np.random.default_rng([self.cfg.seed, fold, epoch])))

@@ -46,7 +46,7 @@ class TwoStageTask(Task):
             slice_tables if slice_tables is not None else self.data.slice_tables,
             labels=self.data.labels if labels else None, length=s.length, threshold=s.threshold,
             crop_size=s.crop_size, windows=self.cfg.input.windows, smooth=s.smooth,
-            per_step=s.per_step, choice=s.slice_choice,
+            per_step=s.per_step, choice=s.slice_choice, native=self.cfg.input.native,
         )
 
     @property
