@@ -72,7 +72,8 @@ def tiny_shards(tmp_path_factory, tiny_dataset, ray_local) -> Path:
     from cspine_ray.preprocess.pipeline import run_preprocess
 
     out = tmp_path_factory.mktemp("shards") / "shards"
-    run_preprocess(tiny_dataset, out, PreprocessConfig(size=64, n_folds=2))
+    # the 1.5x studies (96 px) get a native level: training, prediction and serving read one
+    run_preprocess(tiny_dataset, out, PreprocessConfig(size=64, native_size=96, n_folds=2))
     return out
 
 

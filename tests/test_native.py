@@ -27,9 +27,9 @@ from cspine_ray.train.tasks import JobData, make_task
 
 
 def test_native_side_and_settings():
-    cfg = PreprocessConfig()  # 256 px shards, native level up to 512
-    assert [cfg.native_side(s) for s in [(512, 512), (768, 768), (384, 384), (256, 256), (300, 200)]] \
-        == [512, 512, 384, 0, 300]
+    cfg = PreprocessConfig()  # 256 px shards, a native level of 512 for studies at least that large
+    assert [cfg.native_side(s) for s in [(512, 512), (768, 768), (384, 384), (256, 256), (600, 400)]] \
+        == [512, 512, 0, 0, 512]
     assert PreprocessConfig(native_size=0).native_side((512, 512)) == 0
     for bad in (256, 100, 4096):  # not finer than the shards, or absurd
         with pytest.raises(ValueError, match="native_size"):

@@ -11,8 +11,9 @@ from cspine_ray.config import digest, to_dict
 class PreprocessConfig:
     size: int = 256                  # in-plane size of every shard slice (z spacing is kept)
     # the native-resolution level beside it (native.npy), for stage-2 crops and the 2D families:
-    # the study's own size up to this (a 512 px study: 512; 768 px: 512), written when that is
-    # larger than `size`; 0: none (every model then reads the `size` level)
+    # native_size px (a 512 px study as it is, a 768 px one resized to 512), for every study at
+    # least that large; a smaller study has none (its crops come from the `size` volume), so the
+    # native crops of a shard set all come from one resolution. 0: no native level
     native_size: int = 512
     n_folds: int = 5                 # cross-validation folds stored in the manifest
     seed: int = 42                   # fold assignment seed
@@ -41,7 +42,6 @@ class PreprocessConfig:
         return digest(keep)
 
     def native_side(self, shape: tuple[int, int]) -> int:
-        """In-plane size of a study's native level (0: none): its own size up to native_size,
-        when that is finer than the shard size."""
-        side = min(self.native_size, max(shape))
-        return side if side > self.size else 0
+        """In-plane size of a study's native level: native_size when the study is at least
+        that large, else 0 (none)."""
+        return self.native_size if self.native_size and max(shape) >= self.native_size else 0

@@ -1,8 +1,8 @@
 """One shard per study: a folder of memory-mappable .npy arrays plus meta.json; the shard set.
 
     studies/<uid>/volume.npy  int16 (z, S, S) HU, canonical order (head -> feet)
-    studies/<uid>/native.npy  int16 (z, N, N) the same slices at native resolution (N: the
-                              study's own size up to native_size), when finer than S
+    studies/<uid>/native.npy  int16 (z, N, N) the same slices at native resolution (N =
+                              native_size > S), for studies at least N px large
     studies/<uid>/mask.npy    uint8 (z, S, S) vertebra labels      } only for studies
     studies/<uid>/ratio.npy   float32 (z, 7) C1..C7 ratio targets  } with a segmentation
     studies/<uid>/box.npy     float32 (z, 4) C1-C7 box, NaN rows   }
