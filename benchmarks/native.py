@@ -3,6 +3,7 @@ fractures.
 
     python benchmarks/native.py [--cost-studies 4] [--studies 64] [--size 256] [--seeds 3]
                                 [--storage DIR] [--report PATH] [--skip-cost] [--skip-quality]
+                                [--mixed SEEDS]
 
 1. Cost at real size. `--cost-studies` generated studies of 512 px and about 300 slices
    (0.6 mm; one in ten is a 768 px study, like the real data), one per transfer syntax in turn,
@@ -17,6 +18,10 @@ fractures.
    of a seed share its stage 1 (the locator reads the shard-size volume either way), so they
    differ only in where the crops come from. Figures out of fold, at the epoch chosen on the
    vertebra loss, and the last epoch's CV figures, which nothing chose.
+3. `--mixed 42,1`: one native resolution per shard set, or not. The learning test's set and
+   budget (tests/test_learning.py: 96 studies of 64 px, 18% of them at 96 px) sharded with
+   native_size 96, so only the 96 px studies have a native level (what a rule of "any study
+   finer than the shards" gives), trained with input.native off and on for each seed.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quality import Timings, config, generate, load, markdown, row, timed
+from quality import Timings, config, generate, load, markdown, print_report, row, timed
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -53,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--report", type=Path, default=None, help="also write the tables here")
     p.add_argument("--skip-cost", action="store_true")
     p.add_argument("--skip-quality", action="store_true")
+    p.add_argument("--mixed", default="", help="seeds for part 3, e.g. 42,1 (default: not run)")
     args = p.parse_args(argv)
     args.epochs = args.stage1_epochs = None  # quality.config: the laptop budget as it ships
     args.retrain = False
@@ -188,6 +194,49 @@ def run_quality(args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ----------------------------------------------------------------------------- 3. mixed
+
+def run_mixed(args: argparse.Namespace) -> str:
+    import copy
+    import dataclasses
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_learning import BUDGET, SET  # the learning test's set and budget: one home
+
+    from cspine_ray.config import from_dict
+    from cspine_ray.preprocess.config import PreprocessConfig
+    from cspine_ray.preprocess.pipeline import run_preprocess
+    from cspine_ray.synth import dataset_specs, write_dataset
+    from cspine_ray.train.config import TrainConfig
+    from cspine_ray.train.job import train
+    from cspine_ray.train.result import evaluate_prior, evaluate_result
+
+    root = args.storage / "learning-set"
+    if not (root / "train.csv").exists():
+        specs = dataset_specs(SET["studies"], seed=SET["seed"], n_test=0, size=SET["size"],
+                              slice_spacing=SET["slice_spacing"], severity=SET["severity"])
+        write_dataset(root, [dataclasses.replace(s, has_segmentation=True) for s in specs])
+    shards = args.storage / "learning-set-shards-native96"
+    manifest = run_preprocess(root, shards, PreprocessConfig(size=SET["size"], native_size=96, n_folds=2))
+    with_native = sum((shards / p / "native.npy").exists() for p in manifest["shard"] if p)
+    prior = evaluate_prior(shards)["oof_metric"]
+    header = ("seed", "crops from", "patient AUC", "mean AUC", "OOF metric", "/ prior")
+    lines = [f"### Mixed resolutions: the learning set, {with_native} of {len(manifest)} studies with a "
+             f"native level, prior {prior:.4f}", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for seed in (int(s) for s in args.mixed.split(",")):
+        for native in (False, True):
+            budget = copy.deepcopy(BUDGET)
+            budget["seed"], budget["input"]["native"] = seed, native
+            cfg = from_dict(TrainConfig, budget)
+            f = evaluate_result(train(cfg, shards, args.storage / "runs"), shards, cfg.effective_top_n)
+            lines.append(f"| {seed} | {'native level where present' if native else 'the 64 px volume'} | "
+                         f"{f['oof_auc_patient_overall']:.3f} | {f['oof_auc_mean']:.3f} | "
+                         f"{f['oof_metric']:.4f} | {f['oof_metric'] / prior:.2f} |")
+            print(lines[-1])
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.storage = args.storage.resolve()
@@ -196,17 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     report = []
     if not args.skip_cost:
         report.append(run_cost(args))
-    if not args.skip_quality:
+    if not args.skip_quality or args.mixed:
         from cspine_ray.runtime import init_ray
 
         init_ray(num_cpus=2, object_store_memory=400 * 2**20)
+    if not args.skip_quality:
         report.append(run_quality(args))
-    text = "\n".join(report) + f"\nwall time {time.perf_counter() - start:.0f} s\n"
-    print()
-    print(text)
-    if args.report:
-        args.report.write_text(text)
-    return 0
+    if args.mixed:
+        report.append(run_mixed(args))
+    return print_report(report, start, args.report)
 
 
 if __name__ == "__main__":

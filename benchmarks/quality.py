@@ -266,6 +266,16 @@ def run_set(severity: str, args: argparse.Namespace, runs: Path, timings: Timing
     return "\n".join(lines)
 
 
+def print_report(parts: list[str], start: float, path: Path | None) -> int:
+    """Print the tables with the wall time since `start` (and write them to `path`); 0."""
+    text = "\n".join(parts) + f"\nwall time {time.perf_counter() - start:.0f} s\n"
+    print()
+    print(text)
+    if path:
+        path.write_text(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.storage = args.storage.resolve()
@@ -282,12 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     timings = Timings(args.storage / "timings.json")
     start = time.perf_counter()
     report = [run_set(severity, args, runs, timings) for severity in args.sets]
-    text = "\n".join(report) + f"\nwall time {time.perf_counter() - start:.0f} s\n"
-    print()
-    print(text)
-    if args.report:
-        args.report.write_text(text)
-    return 0
+    return print_report(report, start, args.report)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,8 @@ def test_preprocess_tune_promote_predict_on_an_autoscaling_cluster(cluster, tiny
 
     def preprocess(out):
         done = cluster.run(_python("cspine_ray.preprocess", "--data", str(tiny_dataset), "--out",
-                                   str(out), "--size", str(TINY["size"]), "--folds", "2"))
+                                   str(out), "--size", str(TINY["size"]), "--native-size", "96",
+                                   "--folds", "2"))
         assert done.returncode == 0, done.stderr[-3000:]
         # the same shards as on one node
         assert manifest_hash(read_manifest(out)) == manifest_hash(read_manifest(tiny_shards))
