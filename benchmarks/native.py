@@ -117,7 +117,7 @@ def run_cost(args: argparse.Namespace) -> str:
 
     data = cost_data(args)
     uids = sorted(p.name for p in (data / "train_images").iterdir())
-    rows, per_arm = [], {}
+    rows, outs = [], {}
     for name, native in (("shard size only (native_size 0)", 0), ("with the native level (512)", 512)):
         cfg = PreprocessConfig(size=COST_SHARD, native_size=native, n_folds=2)
         out = args.storage / f"cost-shards-native{native}"
@@ -136,11 +136,11 @@ def run_cost(args: argparse.Namespace) -> str:
             disk.append(sum(sizes.values()))
             natives.append(sizes.get("native", 0))
             slices.append(meta["shape"][0])
-        per_arm[native] = (out, uids)
+        outs[native] = out
         rows.append([name, f"{np.mean(slices):.0f}", f"{np.mean(seconds):.1f}",
                      f"{np.mean(disk) / 2**20:.0f}", f"{np.mean(natives) / 2**20:.0f}"])
         print(" | ".join(rows[-1]))
-    read = {native: sample_ms(out, uids, native=bool(native)) for native, (out, uids) in per_arm.items()}
+    read = {native: sample_ms(out, uids, native=bool(native)) for native, out in outs.items()}
     header = ("shards", "slices", "s per study", "MiB per study", "of it native.npy")
     lines = [f"### Cost at real size: {len(uids)} studies of {COST_SIZE} px (768 px for one in ten), "
              f"{COST_SPACING} mm slices, sharded to {COST_SHARD} px, one at a time, load {load():.1f}", "",

@@ -207,8 +207,8 @@ def row(name: str, figures: dict, prior: float, result=None, timing=None,
             "-" if timing is None else f"{timing['seconds']:.0f}"]
 
 
-def markdown(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+def markdown(rows: list[list[str]], columns: tuple[str, ...] = COLUMNS) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 

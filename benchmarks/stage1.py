@@ -35,21 +35,18 @@ on this machine with the 1-minute load average around each training.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
-import shutil
 import sys
-import time
 from pathlib import Path
+
+from quality import Timings, generate, load, markdown, preprocess, timed
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
-DATA_VERSION = 1
-SLICE_SPACING = 2.0
 BASE = {
     "family": "two_stage",
     "backbone": "test_efficientnet",
@@ -86,47 +83,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load() -> float:
-    return os.getloadavg()[0]
-
-
-def generate(args: argparse.Namespace, fraction: float) -> tuple[Path, int]:
-    """The layout at this segmented share (written once, 2 processes) and its segmented count."""
-    from cspine_ray.synth import dataset_specs, write_dataset
-
-    specs = dataset_specs(args.studies, seed=args.seed, n_test=0, size=args.size,
-                          slice_spacing=SLICE_SPACING, severity="obvious",
-                          segmented_fraction=fraction)
-    segmented = sum(s.has_segmentation for s in specs)
-    params = {"version": DATA_VERSION, "studies": args.studies, "size": args.size, "seed": args.seed,
-              "slice_spacing": SLICE_SPACING, "fraction": fraction}
-    root = args.storage / f"data-{args.studies}x{args.size}px-seed{args.seed}-seg{fraction:g}"
-    stamp = root / "benchmark-dataset.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == params:
-        return root, segmented
-    tmp = root.with_name(root.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(root, ignore_errors=True)
-    start = time.perf_counter()
-    write_dataset(tmp, specs, processes=2)
-    tmp.rename(root)
-    stamp.write_text(json.dumps(params))
-    print(f"data: {len(specs)} studies ({segmented} segmented) in {time.perf_counter() - start:.0f} s")
-    return root, segmented
-
-
-def preprocess(data: Path, args: argparse.Namespace) -> Path:
-    from cspine_ray.preprocess.config import PreprocessConfig
-    from cspine_ray.preprocess.pipeline import run_preprocess
-
-    out = args.storage / f"shards-{data.name}"
-    start = time.perf_counter()
-    manifest = run_preprocess(data, out, PreprocessConfig(size=args.size, n_folds=2))
-    print(f"shards: {int((manifest['status'] == 'ok').sum())}/{len(manifest)} ok in "
-          f"{time.perf_counter() - start:.0f} s")
-    return out
-
-
 def config(args: argparse.Namespace, changes: dict):
     from cspine_ray.train.config import build_config
 
@@ -143,9 +99,14 @@ def figures(history: list[dict], best: int, prefix: str = "") -> dict[str, float
 
 
 def first_min(history: list[dict], key: str) -> int:
-    """1-based epoch of the lowest finite `key` (the first of equals), as the loop chooses."""
-    values = [h[key] if math.isfinite(h[key]) else math.inf for h in history]
-    return min(range(len(values)), key=lambda i: (values[i], i)) + 1
+    """1-based epoch the training loop's rule (`improves`) picks on `key` over `history`."""
+    from cspine_ray.train.loop import improves
+
+    best, best_cv = -1, math.nan
+    for epoch, h in enumerate(history, start=1):
+        if improves(h[key], best_cv, best):
+            best, best_cv = epoch, h[key]
+    return best
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,11 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"stage-1 benchmark: {args.studies} studies x {args.size} px, {args.epochs} epochs a "
           f"round, seed {args.seed}, {os.cpu_count()} CPUs, load {load():.1f}")
     init_ray(num_cpus=2, object_store_memory=400 * 2**20)
-    timings_path = args.storage / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    timings = Timings(args.storage / "timings.json")
     rows = []
     for fraction in args.fractions:
-        data, segmented = generate(args, fraction)
+        data = generate(argparse.Namespace(**{**vars(args), "segmented": fraction}), "obvious")
+        segmented = len(list((data / "segmentations").glob("*.nii*")))
         shards = preprocess(data, args)
         label = f"{fraction:.0%} ({segmented})"
         results = {}
@@ -174,11 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                 changes["stage1.epochs"] = 2 * args.epochs
             if changes["stage1.pseudo_rounds"] and args.min_peak is not None:
                 changes["stage1.pseudo_min_peak"] = args.min_peak
-            start, before = time.perf_counter(), load()
-            result = ensure_stage1(config(args, changes), shards, args.storage / "runs")
-            if not result.reused:
-                timings[str(result.path)] = [time.perf_counter() - start, before, load()]
-                timings_path.write_text(json.dumps(timings, indent=1))
+            result, _ = timed(timings, lambda: ensure_stage1(config(args, changes), shards,
+                                                             args.storage / "runs"))
             results[name] = result
             print(f"{label} {name}: {'reused ' if result.reused else ''}{result.path.name}")
         def own(name):  # the arm's own figures, best epoch as training chose it
@@ -193,18 +151,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"anatomy, {2 * args.epochs} epochs": own("long"),
                 "pseudo": own("pseudo"), "both": own("both")}
         for arm, (result, f) in arms.items():
-            t = timings.get(str(result.path))
+            t = timings.get(result)
             rows.append([label, arm, str(f["best"]), f"{f['metric']:.4f}", f"{f['ratio']:.4f}",
                          f"{f['z_error']:.2f}", f"{f['found']:.3f}", f"{f['last_metric']:.4f}",
                          f"{f['last_z_error']:.2f}",
                          "-" if f["pseudo"] is None else f"{f['pseudo']:.1f}",
-                         "-" if t is None else f"{t[0]:.0f}",
-                         "-" if t is None else f"{t[1]:.1f}-{t[2]:.1f}"])
+                         "-" if t is None else f"{t['seconds']:.0f}",
+                         "-" if t is None else f"{t['load_before']:.1f}-{t['load_after']:.1f}"])
     print()
-    print("| " + " | ".join(COLUMNS) + " |")
-    print("|" + "---|" * len(COLUMNS))
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
+    print(markdown(rows, COLUMNS))
     print("\nbaseline and anatomy rows: the same trained models each, unconstrained and "
           "constrained tables; train s of a pseudo or doubled run covers both halves")
     return 0
