@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from cspine_ray import VERTEBRAE
-from cspine_ray.io.dicom import SeriesInfo, iter_hu_levels, iter_hu_slices, scan_series
+from cspine_ray.io.dicom import SeriesInfo, iter_hu_levels, scan_series
 from cspine_ray.io.errors import StudyError
 from cspine_ray.io.segmentation import AlignedSegmentation, load_segmentation
 from cspine_ray.preprocess import shards
@@ -125,27 +125,23 @@ def build_shard(item: StudyItem, cfg: PreprocessConfig, final: Path, fingerprint
     info = scan_series(item.image_dir, study=uid, root=item.data_root)
     check_usable(info)
     size, native = cfg.size, cfg.native_side(info.shape)
-    levels = halvings(info.shape, size)  # 512 px -> 256: read at half resolution, no resize
     tmp = shards.new_tmp_dir(final.parent, uid)
     try:
-        shape = (len(info.files), size, size)
-        volume = np.lib.format.open_memmap(tmp / "volume.npy", mode="w+", dtype=np.int16, shape=shape)
-        fine = None
-        if native:  # both levels from one decode of each file
-            fine = np.lib.format.open_memmap(tmp / "native.npy", mode="w+", dtype=np.int16,
-                                             shape=(len(info.files), native, native))
-            reads = iter_hu_levels(info, (levels, halvings(info.shape, native)))
-        else:
-            reads = ((image,) for image in iter_hu_slices(info, levels))
+        # the shard-size volume, and the native level when the study has one: both from one
+        # decode of each file, each read at its own halvings (512 px -> 256: a half-res read)
+        sides = [size] + ([native] if native else [])
+        arrays = [np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=np.int16,
+                                            shape=(len(info.files), side, side))
+                  for name, side in zip(("volume", "native"), sides)]
+        reads = iter_hu_levels(info, tuple(halvings(info.shape, side) for side in sides))
         start = 0
         for chunk in _chunks(reads, cfg.chunk_slices):
-            volume[start : start + len(chunk)] = resize_slices(np.stack([c[0] for c in chunk]), size)
-            if fine is not None:
-                fine[start : start + len(chunk)] = resize_slices(np.stack([c[1] for c in chunk]), native)
+            for i, (array, side) in enumerate(zip(arrays, sides)):
+                array[start : start + len(chunk)] = resize_slices(np.stack([c[i] for c in chunk]), side)
             start += len(chunk)
-        if fine is not None:
-            fine.flush()
-        volume.flush()
+        for array in arrays:
+            array.flush()
+        volume = arrays[0]
         if start != len(info.files):
             raise StudyError(uid, f"series delivered {start} slices, expected {len(info.files)}")
 
@@ -154,7 +150,7 @@ def build_shard(item: StudyItem, cfg: PreprocessConfig, final: Path, fingerprint
         seg = _aligned_segmentation(item, info, volume, cfg, warnings) if item.segmentation else None
         if seg is not None:
             counts = vertebra_pixel_counts(seg.labels)  # at full resolution: exact ratios
-            mask = resize_labels(seg.labels, size, levels)
+            mask = resize_labels(seg.labels, size, halvings(info.shape, size))
             del seg
             np.save(tmp / "mask.npy", mask)
             np.save(tmp / "ratio.npy", vertebra_ratios(counts))
