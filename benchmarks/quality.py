@@ -4,7 +4,8 @@ off, the three baselines and the constant prior, on generated sets the product d
     python benchmarks/quality.py [--sets obvious subtle] [--studies 64] [--size 128]
                                  [--segmented 0.25] [--epochs E] [--stage1-epochs E1]
                                  [--storage DIR]
-                                 [--seed 11] [--retrain] [--quick] [--report PATH]
+                                 [--seed 11] [--retrain] [--quick | --baselines-only]
+                                 [--report PATH]
 
 One run, for each set (a fracture severity):
 
@@ -14,7 +15,9 @@ One run, for each set (a fracture severity):
 2. trains the stage-1 locator (plain, with the anatomy constraint, and with a pseudo-label
    round in the same number of epochs), then the two-stage model with every technique off (the thesis's rules), each technique on
    alone, and all on; then cnn3d, single_head and multi_head. The budget is the laptop search
-   space's base (`search_spaces/laptop.yaml`: the shipped CPU budget) with `--epochs`;
+   space's base (`search_spaces/laptop.yaml`: the shipped CPU budget) with `--epochs`, and
+   for each baseline the budget tuned for it on another set (benchmarks/budgets.py, kept in
+   `search_spaces/laptop_families.yaml`);
 3. scores every result out of fold (`evaluate_result`: each study predicted by the fold model
    that did not see it) under its family's top-N rule and, with no retraining, with the
    second-level calibrator (cross-fitted on the folds), against the constant prior (each
@@ -24,7 +27,8 @@ Figures, honestly labelled: "OOF" is at the epoch chosen on the same folds (the 
 N-independent), so it is optimistic; "last CV" is the last epoch's CV metric and patient AUC,
 which nothing chose. `--quick` trains only the plain stage 1 and the thesis-rules two-stage
 model (with and without the calibrator) beside the prior: one configuration measured, e.g. at
-another --segmented or --epochs. Finished results are reused by key; `--retrain` trains them again. Times
+another --segmented or --epochs; `--baselines-only` trains only the three baselines (at their
+tuned budgets) beside the prior. Finished results are reused by key; `--retrain` trains them again. Times
 are wall-clock seconds with the 1-minute load average, because other work shares the CPUs.
 """
 
@@ -45,7 +49,9 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 DATA_VERSION = 2          # bump when the generated dataset changes meaning
 SLICE_SPACING = 2.0       # mm: ~90 slices per study, enough for the vertebra sequences
-SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "laptop.yaml"
+# the laptop space's base (it extends laptop.yaml) and each baseline's budget, tuned for it on
+# another generated set by benchmarks/budgets.py (its `conditional` section)
+SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "laptop_families.yaml"
 
 # Every technique off: the thesis's rules. Each arm below switches some of them on.
 OFF = {"sequence.slice_choice": "spread", "sequence.mask_not_found": False,
@@ -90,10 +96,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="only stage 1 and the thesis-rules two-stage model (no technique arms, "
                         "no baselines)")
+    p.add_argument("--baselines-only", action="store_true",
+                   help="only the three baselines at their tuned budgets (no stage-1 or two-stage arms)")
     p.add_argument("--report", type=Path, default=None, help="also write the tables as Markdown here")
     args = p.parse_args(argv)
     if args.studies < 8 or min(args.epochs or 1, args.stage1_epochs or 1) < 1:
         p.error("need --studies >= 8 and at least 1 epoch")
+    if args.quick and args.baselines_only:
+        p.error("--quick and --baselines-only exclude each other")
     if not 0 < args.segmented <= 1:
         p.error("--segmented must be in (0, 1]")
     return args
@@ -150,18 +160,27 @@ def preprocess(data: Path, args: argparse.Namespace) -> Path:
 
 # ----------------------------------------------------------------------------- training
 
-def config(family: str, changes: dict, args: argparse.Namespace):
-    """The laptop space's base for `family` with `changes`, on 2 fold workers."""
+def config(family: str, changes: dict, args: argparse.Namespace, budget: bool = True):
+    """The laptop space's base for `family` with its tuned budget (unless `budget` is False)
+    and `changes`, on 2 fold workers."""
     from cspine_ray.train.config import build_config
     from cspine_ray.tune.space import load_space
 
-    base = load_space(SPACE).base
-    values = {"family": family, **OFF, **changes, "resources.num_workers": 2}
+    tuned = tuned_budget(family) if budget else {}
+    values = {"family": family, **OFF, **tuned, **changes, "resources.num_workers": 2}
     if args.epochs is not None:
         values.update({"optim.epochs": args.epochs, "optim.t0": args.epochs})
     if args.stage1_epochs is not None:
         values["stage1.epochs"] = args.stage1_epochs
-    return build_config(base, values)
+    return build_config(load_space(SPACE).base, values)
+
+
+def tuned_budget(family: str) -> dict:
+    """The fixed settings SPACE gives `family` (its `conditional` values that are not searched)."""
+    from cspine_ray.tune.space import is_param, load_space
+
+    return {k: v for k, v in load_space(SPACE).conditional.get(family, {}).items()
+            if not is_param(v)}
 
 
 class Timings:
@@ -223,7 +242,8 @@ def run_set(severity: str, args: argparse.Namespace, runs: Path, timings: Timing
     lines = [f"### {severity} fractures: {args.studies} studies x {args.size} px, "
              f"{args.segmented:.0%} segmented, 2 folds, stage 1 {budget.stage1.epochs} epochs, "
              f"stage 2 {budget.optim.epochs} epochs", ""]
-    for name, changes in list(STAGE1_ARMS.items())[: 1 if args.quick else None]:
+    stage1_arms = list(STAGE1_ARMS.items())[: 1 if args.quick else None]
+    for name, changes in [] if args.baselines_only else stage1_arms:
         cfg = config("two_stage", changes, args)
         if changes.get("stage1.pseudo_rounds"):
             cfg.stage1.epochs //= 1 + cfg.stage1.pseudo_rounds
@@ -240,8 +260,8 @@ def run_set(severity: str, args: argparse.Namespace, runs: Path, timings: Timing
     rows = []
     arms = [("two_stage, thesis rules", {})] + [(f"two_stage + {k}", v) for k, v in TECHNIQUES.items()]
     arms += [("two_stage, all techniques", ALL)]
-    if args.quick:
-        arms = arms[:1]
+    if args.quick or args.baselines_only:
+        arms = arms[: 0 if args.baselines_only else 1]
     for name, changes in arms:
         cfg = config("two_stage", changes, args)
         result, t = timed(timings, lambda: train(cfg, shards, runs, reuse=not args.retrain))
@@ -255,9 +275,12 @@ def run_set(severity: str, args: argparse.Namespace, runs: Path, timings: Timing
     for family in () if args.quick else BASELINES:
         cfg = config(family, {}, args)
         result, t = timed(timings, lambda: train(cfg, shards, runs, reuse=not args.retrain))
+        budget = ", ".join(f"{k.split('.')[-1]} {v:g}" for k, v in tuned_budget(family).items()
+                           if k not in ("top_n", "optim.t0"))
         for calibrate in (False, True):
             figures = evaluate_result(result, shards, cfg.effective_top_n, calibrate=calibrate)
-            rows.append(row(family + (" + calibrator" if calibrate else ""), figures, prior,
+            name = f"{family} ({budget or 'laptop base'})"
+            rows.append(row(name + (" + calibrator" if calibrate else ""), figures, prior,
                             result, None if calibrate else t, calibrated=calibrate))
             print(" | ".join(rows[-1]))
     prior_figures = evaluate_prior(shards)
@@ -276,23 +299,27 @@ def print_report(parts: list[str], start: float, path: Path | None) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def start(args: argparse.Namespace, banner: str) -> None:
+    """What every training benchmark does first: its storage folder, quiet logs, the banner
+    (with the CPUs and the load) and a local Ray of 2 CPUs."""
+    from cspine_ray.runtime import init_ray
+
     args.storage = args.storage.resolve()
     args.storage.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-
-    from cspine_ray.runtime import init_ray
-
-    print(f"quality benchmark: sets {', '.join(args.sets)}, {args.studies} studies x {args.size} "
-          f"px, {args.segmented:.0%} segmented, budget {SPACE.name}, {os.cpu_count()} CPUs, "
-          f"load {load():.1f}")
+    print(f"{banner}, {os.cpu_count()} CPUs, load {load():.1f}")
     init_ray(num_cpus=2, object_store_memory=400 * 2**20)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    start(args, f"quality benchmark: sets {', '.join(args.sets)}, {args.studies} studies x "
+                f"{args.size} px, {args.segmented:.0%} segmented, budget {SPACE.name}")
     runs = args.storage / "runs"
     timings = Timings(args.storage / "timings.json")
-    start = time.perf_counter()
+    began = time.perf_counter()
     report = [run_set(severity, args, runs, timings) for severity in args.sets]
-    return print_report(report, start, args.report)
+    return print_report(report, began, args.report)
 
 
 if __name__ == "__main__":

@@ -35,13 +35,12 @@ on this machine with the 1-minute load average around each training.
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import os
 import sys
 from pathlib import Path
 
-from quality import Timings, generate, load, markdown, preprocess, timed
+from quality import Timings, generate, markdown, preprocess, start, timed
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -111,16 +110,10 @@ def first_min(history: list[dict], key: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.storage = args.storage.resolve()
-    args.storage.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-
-    from cspine_ray.runtime import init_ray
     from cspine_ray.train.job import ensure_stage1
 
-    print(f"stage-1 benchmark: {args.studies} studies x {args.size} px, {args.epochs} epochs a "
-          f"round, seed {args.seed}, {os.cpu_count()} CPUs, load {load():.1f}")
-    init_ray(num_cpus=2, object_store_memory=400 * 2**20)
+    start(args, f"stage-1 benchmark: {args.studies} studies x {args.size} px, {args.epochs} "
+                f"epochs a round, seed {args.seed}")
     timings = Timings(args.storage / "timings.json")
     rows = []
     for fraction in args.fractions:

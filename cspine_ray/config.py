@@ -156,6 +156,18 @@ def set_dotted(config: dict, key: str, value: Any) -> None:
     node[last] = value
 
 
+def overlay(base: dict, changes: dict) -> dict:
+    """A copy of nested `base` with `changes` on top: mappings merge key by key, anything else
+    (numbers, lists) is replaced whole."""
+    out = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = overlay(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
 def select(data: dict, keys: Iterable[str]) -> dict:
     """The parts of nested `data` named by dotted keys ("optim": the section, "optim.lr": one value)."""
     out: dict = {}

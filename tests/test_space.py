@@ -16,7 +16,7 @@ from cspine_ray.tune.space import DefineByRun, load_space, trial_values
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 
 
-@pytest.mark.parametrize("name", ["demo", "laptop", "two_stage", "families"])
+@pytest.mark.parametrize("name", ["demo", "laptop", "laptop_families", "two_stage", "families"])
 def test_shipped_spaces_load(name):
     space = load_space(SPACES / f"{name}.yaml")
     assert space.budget.trials >= 1 and space.description
@@ -27,7 +27,7 @@ def test_the_real_data_spaces_fine_tune_and_the_cpu_spaces_need_no_download():
     from cspine_ray.train.config import build_config
 
     for name, pretrained in (("two_stage", True), ("families", True), ("demo", False),
-                             ("laptop", False)):
+                             ("laptop", False), ("laptop_families", False)):
         assert build_config(load_space(SPACES / f"{name}.yaml").base, {}).pretrained is pretrained
     laptop = load_space(SPACES / "laptop.yaml")
     # the patient rule (N or the calibrator) is searched; it costs no retraining
@@ -58,11 +58,45 @@ def _space(tmp_path, **sections) -> Path:
     ({"base": {"optim": {"epoch": 3}}}, "optim.epoch"),
     ({"budget": {"trials": 0}}, "budget.trials"),
     ({"budget": {"asha": {"grace": 1}}}, "budget.asha.grace"),
+    ({"extends": "nowhere.yaml"}, "extends nowhere.yaml, which is not a file"),
+    ({"extends": ["laptop.yaml"]}, "extends must be the file name"),
+    ({"extends": "s.yaml"}, "makes a cycle (s.yaml -> s.yaml)"),
 ])
 def test_bad_spaces_are_refused_naming_the_key(tmp_path, sections, needle):
     with pytest.raises(ConfigError, match=None) as err:
         load_space(_space(tmp_path, **sections))
     assert needle in str(err.value), str(err.value)
+
+
+def test_the_laptop_families_space_is_the_laptop_base_with_a_budget_per_baseline():
+    laptop = load_space(SPACES / "laptop.yaml")
+    families = load_space(SPACES / "laptop_families.yaml")
+    assert families.base == laptop.base       # extends it: the two-stage trials are laptop.yaml's
+    assert sorted(families.families()) == ["cnn3d", "multi_head", "single_head", "two_stage"]
+    for family in ("cnn3d", "single_head", "multi_head"):  # tuned by benchmarks/budgets.py
+        fixed = {k for k, v in families.conditional[family].items() if not isinstance(v, dict)}
+        assert fixed & {"optim.lr", "optim.epochs", "input.slices_per_study"}, family
+
+
+def test_a_space_extends_another_s_base_section_by_section(tmp_path):
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump({
+        "description": "a", "base": {"family": "cnn3d", "optim": {"epochs": 3, "lr": 0.01},
+                                     "input": {"windows": ["bone", "soft"]}},
+        "params": {"top_n": {"type": "int", "low": 1, "high": 7}}, "budget": {"trials": 5}}))
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({
+        "description": "b", "extends": "a.yaml", "base": {"optim": {"epochs": 4}}}))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({
+        "description": "c", "extends": "b.yaml", "base": {"input": {"windows": ["bone"]}},
+        "params": {"optim.lr": {"type": "log_float", "low": 1e-4, "high": 1e-2}}}))
+    space = load_space(tmp_path / "c.yaml")
+    # by hand: a's base, b's epochs over it (a's lr kept), c's window list replacing a's whole
+    assert space.base == {"family": "cnn3d", "optim": {"epochs": 4, "lr": 0.01},
+                          "input": {"windows": ["bone"]}}
+    # only the base is inherited: c's own params and default budget, not a's
+    assert set(space.params) == {"optim.lr"} and space.budget.trials == 10
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump({"description": "a", "extends": "c.yaml"}))
+    with pytest.raises(ConfigError, match=r"makes a cycle \(c.yaml -> b.yaml -> a.yaml -> c.yaml\)"):
+        load_space(tmp_path / "c.yaml")
 
 
 def test_define_by_run_samples_only_the_family_s_own_parameters():

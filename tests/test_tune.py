@@ -29,12 +29,23 @@ EXPERIMENT = "cspine-tiny"
 
 
 def write_space(path: Path, trials: int, params: dict) -> Path:
+    """A space that `extends` a base file beside it, as a user's own space extends a shipped one."""
     base = copy.deepcopy(TINY_TRAIN)
     base["family"] = "two_stage"
-    base["stage1"]["epochs"] = 2  # these tests check the search's bookkeeping, not stage 1
-    path.write_text(yaml.safe_dump({"description": "test search", "base": base, "params": params,
+    (path.parent / "tiny_base.yaml").write_text(yaml.safe_dump({"description": "b", "base": base}))
+    # these tests check the search's bookkeeping, not stage 1
+    path.write_text(yaml.safe_dump({"description": "test search", "extends": "tiny_base.yaml",
+                                    "base": {"stage1": {"epochs": 2}}, "params": params,
                                     "budget": {"trials": trials, "asha": None}}))
     return path
+
+
+def resolved_base() -> dict:
+    """What write_space's base must resolve to, written out by hand."""
+    base = copy.deepcopy(TINY_TRAIN)
+    base["family"] = "two_stage"
+    base["stage1"]["epochs"] = 2
+    return base
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +80,11 @@ def test_every_trial_is_tracked_in_mlflow(search, tiny_dataset):
     parent = parents[0]
     assert parent.data.tags["best_run_id"] in {t.info.run_id for t in trials}
     assert "best_cv_metric" in parent.data.metrics
+    # the space file only names what it extends; the parent run also holds the resolved base
+    local = Path(client.download_artifacts(parent.info.run_id, "space_base.yaml"))
+    assert yaml.safe_load(local.read_text()) == resolved_base()
+    for trial in trials:  # and every trial trained with it (2 stage-1 epochs from the child)
+        assert trial.data.params["stage1.epochs"] == "2"
     for run in trials:
         assert run.info.status == "FINISHED"
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id

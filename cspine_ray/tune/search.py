@@ -133,7 +133,7 @@ def run_search(opts: SearchOptions):
                                   reduction_factor=asha.reduction_factor) if asha else None
         tracker = MlflowTracker(
             tracking_uri=opts.tracking_uri, experiment=opts.experiment, search_id=name,
-            space_file=str(opts.space_file), shards=shards,
+            space_file=str(opts.space_file), space_base=space.base, shards=shards,
             artifact_root=str(storage / "mlartifacts") if opts.tracking_uri.startswith("sqlite") else None,
             search_params={"space": space.name, "trials": trials, "seed": opts.seed,
                            "shards_dir": str(shards.root), "folds": n_folds,

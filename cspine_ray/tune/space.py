@@ -1,6 +1,7 @@
 """Search spaces: declarative YAML -> a validated `SearchSpace` -> an Optuna define-by-run function.
 
     description: what the search is for
+    extends: laptop.yaml   # optional: that space's base (path beside this file) under this one's
     base:          # TrainConfig values every trial shares (any TrainConfig key, nested)
       family: two_stage
       optim: {epochs: 20}
@@ -30,12 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cspine_ray.config import ConfigError, from_dict, load_yaml
+from cspine_ray.config import ConfigError, from_dict, load_yaml, overlay
 from cspine_ray.train.config import TrainConfig, build_config
 from cspine_ray.train.families import FAMILY_NAMES
 
 PARAM_TYPES = ("categorical", "int", "float", "log_float")
-TOP_LEVEL = ("description", "base", "params", "conditional", "budget", "demo")
+TOP_LEVEL = ("description", "extends", "base", "params", "conditional", "budget", "demo")
 
 
 @dataclass
@@ -156,8 +157,7 @@ def validate(space: SearchSpace, source: str) -> None:
             raise ConfigError(f"{source}: the parameters of family {family} together: {e}") from None
 
 
-def load_space(path: str | Path) -> SearchSpace:
-    path = Path(path)
+def _read(path: Path) -> dict:
     data = load_yaml(path)
     unknown = set(data) - set(TOP_LEVEL)
     if unknown:
@@ -166,6 +166,31 @@ def load_space(path: str | Path) -> SearchSpace:
     for section in ("base", "params", "conditional"):
         if not isinstance(data.get(section) or {}, dict):
             raise ConfigError(f"{path}: {section} must be a mapping")
+    return data
+
+
+def inherited_base(path: Path, data: dict, chain: tuple[Path, ...] = ()) -> dict:
+    """The space's base over the base of the space it `extends` (a file beside it, and so on up
+    the chain); only the base is inherited: params, conditional and budget are the space's own."""
+    base = data.get("base") or {}
+    parent = data.get("extends")
+    if parent is None:
+        return base
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError(f"{path}: extends must be the file name of another search space")
+    parent_path = (path.parent / parent).resolve()
+    chain = (*chain, path.resolve())
+    if parent_path in chain:
+        raise ConfigError(f"{path}: extends {parent} makes a cycle "
+                          f"({' -> '.join(p.name for p in (*chain, parent_path))})")
+    if not parent_path.is_file():
+        raise ConfigError(f"{path}: extends {parent}, which is not a file beside it ({parent_path})")
+    return overlay(inherited_base(parent_path, _read(parent_path), chain), base)
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    path = Path(path)
+    data = _read(path)
     try:
         budget = from_dict(Budget, data.get("budget"), prefix="budget.")
         demo = from_dict(DemoData, data["demo"], prefix="demo.") if data.get("demo") else None
@@ -174,7 +199,8 @@ def load_space(path: str | Path) -> SearchSpace:
     if budget.trials < 1:
         raise ConfigError(f"{path}: budget.trials must be >= 1")
     space = SearchSpace(
-        name=path.stem, description=str(data.get("description", "")), base=data.get("base") or {},
+        name=path.stem, description=str(data.get("description", "")),
+        base=inherited_base(path, data),
         params=data.get("params") or {}, conditional=data.get("conditional") or {},
         budget=budget, demo=demo,
     )

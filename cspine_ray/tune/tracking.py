@@ -119,7 +119,8 @@ class MlflowTracker(Callback):
     """Tune callback; holds only plain settings so Tune can pickle it with the experiment."""
 
     def __init__(self, tracking_uri: str, experiment: str, search_id: str, space_file: str,
-                 shards, artifact_root: str | None, search_params: dict[str, Any]):
+                 shards, artifact_root: str | None, search_params: dict[str, Any],
+                 space_base: dict[str, Any] | None = None):
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.search_id = search_id
@@ -127,6 +128,7 @@ class MlflowTracker(Callback):
         self.shards = shards  # the search's ShardSet
         self.artifact_root = artifact_root
         self.search_params = search_params
+        self.space_base = space_base  # the base with what it `extends`: the file alone may not say
         self._client = None
         self._experiment_id = None
         self._parent = None
@@ -166,14 +168,15 @@ class MlflowTracker(Callback):
                 for k, v in self.search_params.items():
                     client.log_param(self._parent, k, v)
                 client.log_artifact(self._parent, self.space_file)
+                if self.space_base is not None:
+                    client.log_dict(self._parent, self.space_base, "space_base.yaml")
         return self._parent
 
     def trial_run(self, trial) -> str:
         if trial.trial_id in self._runs:
             return self._runs[trial.trial_id]
         parent = self.parent_run()
-        run_id = self._find(f"tags.search_id = '{self.search_id}' and "
-                            f"tags.ray_trial_id = '{trial.trial_id}'")
+        run_id = self._trial_run_if_any(trial)
         if run_id is None:
             from cspine_ray.tune.space import trial_values
 
@@ -188,6 +191,10 @@ class MlflowTracker(Callback):
             run_id = run.info.run_id
         self._runs[trial.trial_id] = run_id
         return run_id
+
+    def _trial_run_if_any(self, trial) -> str | None:
+        return self._find(f"tags.search_id = '{self.search_id}' and "
+                          f"tags.ray_trial_id = '{trial.trial_id}'")
 
     def dataset_input(self, manifest_hash: str):
         """The shard set as the run's MLflow dataset (the UI's Dataset column): name, digest
@@ -211,10 +218,11 @@ class MlflowTracker(Callback):
 
     # --- Tune callback hooks -----------------------------------------------------------------
     def setup(self, **info):
-        self.parent_run()
+        self.client.update_run(self.parent_run(), status="RUNNING")  # again, on --resume
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.trial_run(trial)
+        # a resumed trial's run was marked KILLED when the search was interrupted
+        self.client.update_run(self.trial_run(trial), status="RUNNING")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         from mlflow.entities import Metric
@@ -273,6 +281,14 @@ class MlflowTracker(Callback):
     def on_experiment_end(self, trials, **info):
         finished = [t for t in trials if (t.last_result or {}).get("final")]
         parent = self.parent_run()
+        # a search stopped by hand (Ctrl-C) ends here with trials still running or pending:
+        # their runs would read RUNNING in the UI for ever; --resume sets them running again
+        interrupted = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
+        for trial in interrupted:
+            run_id = self._runs.get(trial.trial_id) or self._trial_run_if_any(trial)
+            if run_id:  # a trial that never started has no run
+                self.client.set_tag(run_id, "interrupted", "true")
+                self.client.set_terminated(run_id, "KILLED")
         if finished:
             best = min(finished, key=lambda t: t.last_result["cv_metric"])
             self.client.set_tag(parent, "best_run_id", self.trial_run(best))
@@ -282,7 +298,9 @@ class MlflowTracker(Callback):
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self.client.log_metric(parent, f"best_{k}", float(value))
         self.client.set_tag(parent, "trials_finished", str(len(finished)))
-        self.client.set_terminated(parent, "FINISHED" if finished else "FAILED")
+        self.client.set_tag(parent, "trials_interrupted", str(len(interrupted)))
+        status = "KILLED" if interrupted else "FINISHED" if finished else "FAILED"
+        self.client.set_terminated(parent, status)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
