@@ -68,13 +68,9 @@ def grid(family: str) -> list[dict]:
     return points
 
 
-def label(point: dict) -> str:
-    return ", ".join(f"{k.split('.')[-1]} {v:g}" for k, v in point.items() if k != "optim.t0")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from cspine_ray.train.job import ensure_stage1, train
+    from cspine_ray.train.job import train
     from cspine_ray.train.result import evaluate_prior, evaluate_result
 
     quality.start(args, f"budgets: {args.studies} subtle studies x {args.size} px, "
@@ -84,8 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     shards = quality.preprocess(quality.generate(args, "subtle"), args)
     prior = evaluate_prior(shards)["oof_metric"]
-    # the 2D families read stage 1's tables: train it once, the two-stage model's own
-    ensure_stage1(quality.config("two_stage", {}, args, budget=False), shards, runs)
 
     rows, chosen = [], {}
     for family in GRIDS:
@@ -97,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             calibrated = evaluate_result(result, shards, cfg.effective_top_n, calibrate=True)
             last = result.info.last
             scored.append((plain["oof_metric"], point))
-            rows.append([family, label(point), f"{plain['oof_metric']:.4f}",
+            rows.append([family, quality.budget_label(point), f"{plain['oof_metric']:.4f}",
                          f"{plain['oof_metric'] / prior:.2f}",
                          f"{plain['oof_auc_patient_overall']:.3f}", f"{plain['oof_auc_mean']:.3f}",
                          f"{calibrated['oof_metric']:.4f}", f"{last['cv_metric']:.4f}",
@@ -108,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"### Tuning set: {args.studies} subtle studies x {args.size} px, seed {args.seed}, "
              f"constant prior {prior:.4f}", "", quality.markdown(rows, COLUMNS), "",
              "Chosen (lowest OOF metric per family):", ""]
-    lines += [f"- {family}: {label(point)}" for family, point in chosen.items()]
+    lines += [f"- {family}: {quality.budget_label(point)}" for family, point in chosen.items()]
     return quality.print_report(lines, began, args.report)
 
 

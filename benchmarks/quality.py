@@ -35,6 +35,7 @@ are wall-clock seconds with the 1-minute load average, because other work shares
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -164,7 +165,6 @@ def config(family: str, changes: dict, args: argparse.Namespace, budget: bool = 
     """The laptop space's base for `family` with its tuned budget (unless `budget` is False)
     and `changes`, on 2 fold workers."""
     from cspine_ray.train.config import build_config
-    from cspine_ray.tune.space import load_space
 
     tuned = tuned_budget(family) if budget else {}
     values = {"family": family, **OFF, **tuned, **changes, "resources.num_workers": 2}
@@ -172,15 +172,29 @@ def config(family: str, changes: dict, args: argparse.Namespace, budget: bool = 
         values.update({"optim.epochs": args.epochs, "optim.t0": args.epochs})
     if args.stage1_epochs is not None:
         values["stage1.epochs"] = args.stage1_epochs
-    return build_config(load_space(SPACE).base, values)
+    return build_config(space().base, values)
+
+
+@functools.cache
+def space():
+    """SPACE, read once per run."""
+    from cspine_ray.tune.space import load_space
+
+    return load_space(SPACE)
 
 
 def tuned_budget(family: str) -> dict:
     """The fixed settings SPACE gives `family` (its `conditional` values that are not searched)."""
-    from cspine_ray.tune.space import is_param, load_space
+    from cspine_ray.tune.space import is_param
 
-    return {k: v for k, v in load_space(SPACE).conditional.get(family, {}).items()
-            if not is_param(v)}
+    return {k: v for k, v in space().conditional.get(family, {}).items() if not is_param(v)}
+
+
+def budget_label(settings: dict) -> str:
+    """"lr 0.003, epochs 30": the budget's settings by their last name, without the patient
+    rule and the cosine period (which follows the epochs)."""
+    return ", ".join(f"{k.split('.')[-1]} {v:g}" for k, v in settings.items()
+                     if k not in ("top_n", "optim.t0"))
 
 
 class Timings:
@@ -242,8 +256,10 @@ def run_set(severity: str, args: argparse.Namespace, runs: Path, timings: Timing
     lines = [f"### {severity} fractures: {args.studies} studies x {args.size} px, "
              f"{args.segmented:.0%} segmented, 2 folds, stage 1 {budget.stage1.epochs} epochs, "
              f"stage 2 {budget.optim.epochs} epochs", ""]
-    stage1_arms = list(STAGE1_ARMS.items())[: 1 if args.quick else None]
-    for name, changes in [] if args.baselines_only else stage1_arms:
+    stage1_arms = list(STAGE1_ARMS.items())
+    if args.quick or args.baselines_only:
+        stage1_arms = stage1_arms[: 0 if args.baselines_only else 1]
+    for name, changes in stage1_arms:
         cfg = config("two_stage", changes, args)
         if changes.get("stage1.pseudo_rounds"):
             cfg.stage1.epochs //= 1 + cfg.stage1.pseudo_rounds
@@ -275,8 +291,7 @@ def run_set(severity: str, args: argparse.Namespace, runs: Path, timings: Timing
     for family in () if args.quick else BASELINES:
         cfg = config(family, {}, args)
         result, t = timed(timings, lambda: train(cfg, shards, runs, reuse=not args.retrain))
-        budget = ", ".join(f"{k.split('.')[-1]} {v:g}" for k, v in tuned_budget(family).items()
-                           if k not in ("top_n", "optim.t0"))
+        budget = budget_label(tuned_budget(family))
         for calibrate in (False, True):
             figures = evaluate_result(result, shards, cfg.effective_top_n, calibrate=calibrate)
             name = f"{family} ({budget or 'laptop base'})"
