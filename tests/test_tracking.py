@@ -18,7 +18,7 @@ def _tracker(tmp_path) -> MlflowTracker:
     space.write_text("description: t\n")
     return MlflowTracker(tracking_uri=sqlite_uri(tmp_path / "mlflow.db"), experiment="e",
                          search_id="s-1", space_file=str(space), shards=None,
-                         artifact_root=str(tmp_path / "artifacts"), search_params={"trials": 2})
+                         artifact_root=str(tmp_path / "artifacts"), search_params={"trials": 2}, space_base={"family": "two_stage"})
 
 
 def _trial(trial_id: str, status: str) -> Trial:

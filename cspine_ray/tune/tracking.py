@@ -120,7 +120,7 @@ class MlflowTracker(Callback):
 
     def __init__(self, tracking_uri: str, experiment: str, search_id: str, space_file: str,
                  shards, artifact_root: str | None, search_params: dict[str, Any],
-                 space_base: dict[str, Any] | None = None):
+                 space_base: dict[str, Any]):
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.search_id = search_id
@@ -168,8 +168,7 @@ class MlflowTracker(Callback):
                 for k, v in self.search_params.items():
                     client.log_param(self._parent, k, v)
                 client.log_artifact(self._parent, self.space_file)
-                if self.space_base is not None:
-                    client.log_dict(self._parent, self.space_base, "space_base.yaml")
+                client.log_dict(self._parent, self.space_base, "space_base.yaml")
         return self._parent
 
     def trial_run(self, trial) -> str:
