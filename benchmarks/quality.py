@@ -2,22 +2,23 @@
 off, the three baselines and the constant prior, on generated sets the product did not tune on.
 
     python benchmarks/quality.py [--sets obvious subtle] [--studies 64] [--size 128]
-                                 [--segmented 0.25] [--epochs E] [--stage1-epochs E1]
-                                 [--storage DIR]
-                                 [--seed 11] [--retrain] [--quick | --baselines-only]
-                                 [--report PATH]
+                                 [--segmented 0.25] [--folds 2] [--epochs E]
+                                 [--stage1-epochs E1] [--storage DIR] [--seed 11]
+                                 [--seeds S ...] [--retrain]
+                                 [--quick [--also ARM ...] | --baselines-only] [--report PATH]
 
 One run, for each set (a fracture severity):
 
 1. generates `--studies` training studies (`cspine_ray.synth`, 2 mm slices, `--segmented` of
-   them with a segmentation) and preprocesses them into 2 folds with Ray Data (both cached in
+   them with a segmentation) and preprocesses them into `--folds` folds with Ray Data (cached in
    --storage and reused by later runs with the same arguments);
 2. trains the stage-1 locator (plain, with the anatomy constraint, and with a pseudo-label
-   round in the same number of epochs), then the two-stage model with every technique off (the thesis's rules), each technique on
-   alone, and all on; then cnn3d, single_head and multi_head. The budget is the laptop search
-   space's base (`search_spaces/laptop.yaml`: the shipped CPU budget) with `--epochs`, and
-   for each baseline the budget tuned for it on another set (benchmarks/budgets.py, kept in
-   `search_spaces/laptop_families.yaml`);
+   round in the same number of epochs), then the two-stage model with every technique off (the
+   thesis's rules), each of the top teams' techniques on alone, and all of them on, and stage 2
+   started from its fold's stage-1 backbone (ours); then cnn3d, single_head and multi_head.
+   The budget is the laptop search space's base (`search_spaces/laptop.yaml`: the shipped CPU
+   budget) with `--epochs`, and for each baseline the budget tuned for it on another set
+   (benchmarks/budgets.py, kept in `search_spaces/laptop_families.yaml`);
 3. scores every result out of fold (`evaluate_result`: each study predicted by the fold model
    that did not see it) under its family's top-N rule and, with no retraining, with the
    second-level calibrator (cross-fitted on the folds), against the constant prior (each
@@ -26,10 +27,14 @@ One run, for each set (a fracture severity):
 Figures, honestly labelled: "OOF" is at the epoch chosen on the same folds (the vertebra loss,
 N-independent), so it is optimistic; "last CV" is the last epoch's CV metric and patient AUC,
 which nothing chose. `--quick` trains only the plain stage 1 and the thesis-rules two-stage
-model (with and without the calibrator) beside the prior: one configuration measured, e.g. at
-another --segmented or --epochs; `--baselines-only` trains only the three baselines (at their
-tuned budgets) beside the prior. Finished results are reused by key; `--retrain` trains them again. Times
-are wall-clock seconds with the 1-minute load average, because other work shares the CPUs.
+model (with and without the calibrator) beside the prior, and the two-stage arms named with
+`--also`: one configuration measured, e.g. at another --segmented, --folds or --epochs;
+`--baselines-only` trains only the three baselines (at their tuned budgets) beside the prior.
+`--seeds` trains every arm once per training seed (both stages; the stage-1 lines stay at the
+space's seed) and shows each figure as mean ± sd over the seeds, since at this scale one seed
+moves the patient AUC by up to 0.15 (BENCHMARKS.md, learning test).
+Finished results are reused by key; `--retrain` trains them again. Times are wall-clock seconds
+with the 1-minute load average, because other work shares the CPUs.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import json
 import logging
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -57,7 +63,7 @@ SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "laptop_families
 # Every technique off: the thesis's rules. Each arm below switches some of them on.
 OFF = {"sequence.slice_choice": "spread", "sequence.mask_not_found": False,
        "sequence.ratio_channel": False, "sequence.per_step": 3, "sequence.flip_tta": False,
-       "stage1.anatomy": False, "stage1.pseudo_rounds": 0}
+       "sequence.init_from_stage1": False, "stage1.anatomy": False, "stage1.pseudo_rounds": 0}
 TECHNIQUES = {
     "robust slice choice": {"sequence.slice_choice": "run"},
     "not-found masked": {"sequence.mask_not_found": True},
@@ -75,6 +81,8 @@ STAGE1_ARMS = {
                                                                 "stage1.pseudo_rounds": 1},
 }
 ALL = {k: v for change in TECHNIQUES.values() for k, v in change.items()}
+# not a top team's: with no ImageNet weights, stage 2 starts from weights trained on this CT
+OURS = {"stage-1 backbone init": {"sequence.init_from_stage1": True}}
 BASELINES = ("cnn3d", "single_head", "multi_head")
 
 
@@ -86,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=128, help="image size in pixels (default 128)")
     p.add_argument("--segmented", type=float, default=0.25,
                    help="share of studies with a segmentation (default 0.25; the real data: 0.04)")
+    p.add_argument("--folds", type=int, default=2,
+                   help="cross-validation folds (default 2; the product's default is 5)")
     p.add_argument("--epochs", type=int, default=None,
                    help="stage-2 / family epochs (default: the laptop space's)")
     p.add_argument("--stage1-epochs", type=int, default=None,
@@ -93,10 +103,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--storage", type=Path, default=Path("runs/quality"),
                    help="data, shards and results (default runs/quality)")
     p.add_argument("--seed", type=int, default=11, help="dataset seed (default 11)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="training seeds (both stages): every arm once per seed, figures as mean "
+                        "± sd (default: the space's seed, once)")
     p.add_argument("--retrain", action="store_true", help="train every result again")
     p.add_argument("--quick", action="store_true",
                    help="only stage 1 and the thesis-rules two-stage model (no technique arms, "
                         "no baselines)")
+    p.add_argument("--also", nargs="+", default=[], choices=[*TECHNIQUES, *OURS], metavar="ARM",
+                   help="with --quick: also these two-stage arms (technique names)")
     p.add_argument("--baselines-only", action="store_true",
                    help="only the three baselines at their tuned budgets (no stage-1 or two-stage arms)")
     p.add_argument("--report", type=Path, default=None, help="also write the tables as Markdown here")
@@ -105,6 +120,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("need --studies >= 8 and at least 1 epoch")
     if args.quick and args.baselines_only:
         p.error("--quick and --baselines-only exclude each other")
+    if args.also and not args.quick:
+        p.error("--also goes with --quick (a full run trains every arm)")
+    if args.folds < 2:
+        p.error("need --folds >= 2")
     if not 0 < args.segmented <= 1:
         p.error("--segmented must be in (0, 1]")
     return args
@@ -145,14 +164,15 @@ def generate(args: argparse.Namespace, severity: str) -> Path:
     return root
 
 
-def preprocess(data: Path, args: argparse.Namespace) -> Path:
-    """Shards with 2 folds; run_preprocess reuses every finished shard, so a re-run is quick."""
+def preprocess(data: Path, args: argparse.Namespace, folds: int = 2) -> Path:
+    """Shards with `folds` folds; run_preprocess reuses every finished shard, so a re-run is
+    quick."""
     from cspine_ray.preprocess.config import PreprocessConfig
     from cspine_ray.preprocess.pipeline import run_preprocess
 
-    out = args.storage / f"shards-{data.name}"
+    out = args.storage / (f"shards-{data.name}" + ("" if folds == 2 else f"-{folds}folds"))
     start, before = time.perf_counter(), load()
-    manifest = run_preprocess(data, out, PreprocessConfig(size=args.size, n_folds=2))
+    manifest = run_preprocess(data, out, PreprocessConfig(size=args.size, n_folds=folds))
     ok = int((manifest["status"] == "ok").sum())
     print(f"shards: {ok}/{len(manifest)} studies ok in {time.perf_counter() - start:.0f} s "
           f"(load {before:.1f} -> {load():.1f}) in {out}")
@@ -228,16 +248,28 @@ COLUMNS = ("model", "OOF metric", "/ prior", "patient AUC", "mean AUC", "last CV
            "last CV patient AUC", "epoch (best/last)", "train s")
 
 
-def row(name: str, figures: dict, prior: float, result=None, timing=None,
-        calibrated: bool = False) -> list[str]:
-    last = result.info.last if result is not None else None
-    no_last = last is None or calibrated  # the calibrator is fitted after the last epoch too
-    return [name, f"{figures['oof_metric']:.4f}", f"{figures['oof_metric'] / prior:.2f}",
-            f"{figures['oof_auc_patient_overall']:.3f}", f"{figures['oof_auc_mean']:.3f}",
-            "-" if no_last else f"{last['cv_metric']:.4f}",
-            "-" if no_last else f"{last.get('cv_auc_patient_overall', float('nan')):.3f}",
-            "-" if result is None else f"{result.info.best_epoch}/{last['epoch']}",
-            "-" if timing is None else f"{timing['seconds']:.0f}"]
+def spread(values: list[float], digits: int) -> str:
+    """"0.5641" for one value; "0.5641 ± 0.0123" (mean ± sample sd) for several (seeds)."""
+    text = f"{statistics.mean(values):.{digits}f}"
+    return text if len(values) == 1 else f"{text} ± {statistics.stdev(values):.{digits}f}"
+
+
+def row(name: str, figures: list[dict], prior: float, results: list | None = None,
+        timings: list | None = None, calibrated: bool = False) -> list[str]:
+    """One table row: a result's figures, or with one result per seed their mean ± sd."""
+    lasts = [r.info.last for r in results] if results else []
+    no_last = not lasts or calibrated  # the calibrator is fitted after the last epoch too
+    metric = [f["oof_metric"] for f in figures]
+    seconds = [t["seconds"] for t in timings or [] if t is not None]
+    return [name, spread(metric, 4), f"{statistics.mean(metric) / prior:.2f}",
+            spread([f["oof_auc_patient_overall"] for f in figures], 3),
+            spread([f["oof_auc_mean"] for f in figures], 3),
+            "-" if no_last else spread([last["cv_metric"] for last in lasts], 4),
+            "-" if no_last else spread([last.get("cv_auc_patient_overall", float("nan"))
+                                        for last in lasts], 3),
+            "-" if not results else (",".join(str(r.info.best_epoch) for r in results)
+                                     + f"/{lasts[0]['epoch']}"),
+            f"{statistics.mean(seconds):.0f}" if seconds else "-"]
 
 
 def markdown(rows: list[list[str]], columns: tuple[str, ...] = COLUMNS) -> str:
@@ -246,16 +278,48 @@ def markdown(rows: list[list[str]], columns: tuple[str, ...] = COLUMNS) -> str:
     return "\n".join(lines)
 
 
-def run_set(severity: str, args: argparse.Namespace, runs: Path, timings: Timings) -> str:
-    from cspine_ray.train.job import ensure_stage1, train
-    from cspine_ray.train.result import evaluate_prior, evaluate_result
+def train_seeds(family: str, changes: dict, args: argparse.Namespace, shards: Path, runs: Path,
+                timings: Timings) -> list[tuple]:
+    """(result, timing) of `family` with `changes`, once per --seeds value (both stages'
+    training seed; without --seeds once, at the space's seed)."""
+    from cspine_ray.train.job import train
 
-    shards = preprocess(generate(args, severity), args)
+    trained = []
+    for seed in [{"seed": s} for s in args.seeds] if args.seeds else [{}]:
+        cfg = config(family, {**changes, **seed}, args)
+        trained.append(timed(timings, lambda: train(cfg, shards, runs, reuse=not args.retrain)))
+    return trained
+
+
+def scored_rows(name: str, trained: list[tuple], shards: Path, prior: float,
+                calibrator: bool) -> list[list[str]]:
+    """The out-of-fold row of `trained` (one result per seed), and with `calibrator` the same
+    results under the cross-fitted calibrator; printed as they come."""
+    from cspine_ray.train.result import evaluate_result
+
+    results, times = [r for r, _ in trained], [t for _, t in trained]
+    rows = [row(name, [evaluate_result(r, shards, r.config.effective_top_n) for r in results],
+                prior, results, times)]
+    if calibrator:
+        rows.append(row(f"{name} + calibrator",
+                        [evaluate_result(r, shards, r.config.effective_top_n, calibrate=True)
+                         for r in results], prior, results, calibrated=True))
+    for r in rows:
+        print(" | ".join(r))
+    return rows
+
+
+def run_set(severity: str, args: argparse.Namespace, runs: Path, timings: Timings) -> str:
+    from cspine_ray.train.job import ensure_stage1
+    from cspine_ray.train.result import evaluate_prior
+
+    shards = preprocess(generate(args, severity), args, args.folds)
     prior = evaluate_prior(shards)["oof_metric"]
     budget = config("two_stage", {}, args)
     lines = [f"### {severity} fractures: {args.studies} studies x {args.size} px, "
-             f"{args.segmented:.0%} segmented, 2 folds, stage 1 {budget.stage1.epochs} epochs, "
-             f"stage 2 {budget.optim.epochs} epochs", ""]
+             f"{args.segmented:.0%} segmented, {args.folds} folds, stage 1 {budget.stage1.epochs} epochs, "
+             f"stage 2 {budget.optim.epochs} epochs"
+             + (f", seeds {' '.join(map(str, args.seeds))} (mean ± sd)" if args.seeds else ""), ""]
     stage1_arms = list(STAGE1_ARMS.items())
     if args.quick or args.baselines_only:
         stage1_arms = stage1_arms[: 0 if args.baselines_only else 1]
@@ -275,31 +339,21 @@ def run_set(severity: str, args: argparse.Namespace, runs: Path, timings: Timing
 
     rows = []
     arms = [("two_stage, thesis rules", {})] + [(f"two_stage + {k}", v) for k, v in TECHNIQUES.items()]
-    arms += [("two_stage, all techniques", ALL)]
-    if args.quick or args.baselines_only:
-        arms = arms[: 0 if args.baselines_only else 1]
+    arms += [("two_stage, all techniques", ALL)] + [(f"two_stage + {k}", v) for k, v in OURS.items()]
+    if args.quick:
+        arms = [arms[0]] + [(f"two_stage + {k}", {**TECHNIQUES, **OURS}[k]) for k in args.also]
+    elif args.baselines_only:
+        arms = []
     for name, changes in arms:
-        cfg = config("two_stage", changes, args)
-        result, t = timed(timings, lambda: train(cfg, shards, runs, reuse=not args.retrain))
-        figures = evaluate_result(result, shards, cfg.effective_top_n)
-        rows.append(row(name, figures, prior, result, t))
-        print(" | ".join(rows[-1]))
-        if name.startswith("two_stage, "):  # the calibrator: no retraining
-            figures = evaluate_result(result, shards, cfg.effective_top_n, calibrate=True)
-            rows.append(row(f"{name} + calibrator", figures, prior, result, calibrated=True))
-            print(" | ".join(rows[-1]))
+        # the calibrator costs no retraining: shown for the combinations and our own arm
+        calibrator = name.startswith("two_stage, ") or name.removeprefix("two_stage + ") in OURS
+        trained = train_seeds("two_stage", changes, args, shards, runs, timings)
+        rows += scored_rows(name, trained, shards, prior, calibrator)
     for family in () if args.quick else BASELINES:
-        cfg = config(family, {}, args)
-        result, t = timed(timings, lambda: train(cfg, shards, runs, reuse=not args.retrain))
-        budget = budget_label(tuned_budget(family))
-        for calibrate in (False, True):
-            figures = evaluate_result(result, shards, cfg.effective_top_n, calibrate=calibrate)
-            name = f"{family} ({budget or 'laptop base'})"
-            rows.append(row(name + (" + calibrator" if calibrate else ""), figures, prior,
-                            result, None if calibrate else t, calibrated=calibrate))
-            print(" | ".join(rows[-1]))
-    prior_figures = evaluate_prior(shards)
-    rows.append(row("constant prior", prior_figures, prior))
+        trained = train_seeds(family, {}, args, shards, runs, timings)
+        name = f"{family} ({budget_label(tuned_budget(family)) or 'laptop base'})"
+        rows += scored_rows(name, trained, shards, prior, calibrator=True)
+    rows.append(row("constant prior", [evaluate_prior(shards)], prior))
     lines += [markdown(rows), ""]
     return "\n".join(lines)
 

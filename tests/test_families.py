@@ -52,7 +52,8 @@ def test_what_the_locator_reads_changes_stage1_and_every_family_that_uses_it(cha
                                     {"optim.batch_size": 2}, {"backbone": "resnet18"},
                                     {"sequence.length": 4}, {"input.image_size": 64},
                                     {"input.visibility_threshold": 0.5},
-                                    {"sequence.flip_tta": True}, {"input.native": False}])
+                                    {"sequence.flip_tta": True}, {"input.native": False},
+                                    {"sequence.init_from_stage1": True}])
 def test_what_the_locator_does_not_read_leaves_its_key(change):
     for family in FAMILIES:
         assert cfg(family, **change).stage1_key(MANIFEST) == cfg(family).stage1_key(MANIFEST)
@@ -71,7 +72,7 @@ def test_a_family_key_moves_only_with_the_sections_that_family_reads():
     # predictions the best epoch is chosen on); the visibility rule retrains the 2D families
     for change in ({"sequence.slice_choice": "run"}, {"sequence.per_step": 5},
                    {"sequence.ratio_channel": True}, {"sequence.mask_not_found": True},
-                   {"sequence.flip_tta": True}):
+                   {"sequence.flip_tta": True}, {"sequence.init_from_stage1": True}):
         assert keys(cfg("two_stage", **change))[0] != keys(cfg("two_stage"))[0], change
     for family in ("single_head", "multi_head"):
         assert (keys(cfg(family, **{"input.visibility_threshold": 0.5}))[0]

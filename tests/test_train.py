@@ -194,6 +194,37 @@ def test_stage1_tables_of_training_studies_are_out_of_fold(tiny_shards, storage,
         assert not np.allclose(data.slice_tables[uid], other, atol=1e-5), uid
 
 
+def test_init_from_stage1_starts_each_fold_from_its_own_folds_stage1_backbone(tiny_shards, storage,
+                                                                             ray_local):
+    from cspine_ray.train.loop import FoldRun
+
+    stage1 = ensure_stage1(tiny("two_stage"), tiny_shards, storage)
+    data = JobData.load(tiny_shards, stage1.path)
+    cpu = torch.device("cpu")
+    on = make_task("two_stage", tiny("two_stage", **{"sequence.init_from_stage1": True}), data)
+    off = make_task("two_stage", tiny("two_stage"), data)
+    for fold in range(data.n_folds):
+        # the stage-1 fold model's backbone, read straight from its file
+        saved = torch_load(stage1.path / f"fold_{fold}.pt")["model"]
+        expected = {k.removeprefix("backbone."): v for k, v in saved.items() if k.startswith("backbone.")}
+        other = torch_load(stage1.path / f"fold_{1 - fold}.pt")["model"]
+        started = FoldRun(on, fold, cpu).model.backbone.state_dict()
+        assert expected and sorted(started) == sorted(expected)
+        for name, value in expected.items():
+            torch.testing.assert_close(started[name], value)
+        weight = "conv_stem.weight"
+        assert not torch.equal(started[weight], other[f"backbone.{weight}"])  # not the other fold's
+        assert not torch.equal(FoldRun(off, fold, cpu).model.backbone.state_dict()[weight],
+                               started[weight])                           # off: fresh weights
+    # the heads stay fresh; a stage 2 whose input channels differ from stage 1's is refused
+    wider = make_task("two_stage", tiny("two_stage", **{"sequence.init_from_stage1": True,
+                                                        "sequence.ratio_channel": True}), data)
+    with pytest.raises(ValueError, match="input channels"):
+        wider.initial_model(0)
+    with pytest.raises(ValueError, match="one backbone for both stages"):
+        tiny("two_stage", **{"sequence.init_from_stage1": True, "stage1.backbone": "test_convnext"})
+
+
 def test_two_stage_validation_falls_back_to_the_prior_of_the_other_studies(tiny_shards, ray_local):
     cfg = tiny("two_stage")
     data = JobData.load(tiny_shards)

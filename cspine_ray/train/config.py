@@ -121,6 +121,9 @@ class SequenceConfig:
     ratio_channel: bool = False   # the step's stage-1 ratio as an extra input plane
     mask_not_found: bool = False  # leave vertebrae stage 1 did not find out of the loss
     flip_tta: bool = False        # predict = mean over the crops and their mirror image
+    # each fold's backbone starts from its own fold's stage-1 backbone (trained on the same
+    # training studies, never the fold's): in-domain weights when no ImageNet ones are at hand
+    init_from_stage1: bool = False
 
     def __post_init__(self):
         if self.head not in SEQUENCE_HEADS:
@@ -170,6 +173,10 @@ class TrainConfig:
         family(self.family)  # refuses an unknown name, listing the families
         if self.top_n is not None and not 1 <= self.top_n <= N_VERTEBRAE:
             raise ValueError(f"top_n must be in 1..{N_VERTEBRAE}, got {self.top_n}")
+        if (self.family == "two_stage" and self.sequence.init_from_stage1
+                and self.stage1.backbone != self.backbone):
+            raise ValueError(f"sequence.init_from_stage1 needs one backbone for both stages, got "
+                             f"backbone {self.backbone!r} and stage1.backbone {self.stage1.backbone!r}")
 
     @property
     def spec(self) -> Family:

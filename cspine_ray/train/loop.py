@@ -65,7 +65,7 @@ class FoldRun:
                              "(stage 1 needs segmented studies in at least two folds)")
         opt = task.optim()
         torch.manual_seed(task.cfg.seed * 1000 + fold)  # fold models do not depend on placement
-        self.model = task.build_model().to(device)
+        self.model = task.initial_model(fold).to(device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opt.lr,
                                            weight_decay=opt.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(

@@ -52,6 +52,7 @@ class JobData:
     labels: dict[str, np.ndarray]            # uid -> float32 (8) in TARGETS order
     segmented: set[str]
     slice_tables: dict[str, np.ndarray] = field(default_factory=dict)  # uid -> (z, 11)
+    stage1_dir: str | None = None            # the stage-1 result the slice tables come from
 
     @classmethod
     def load(cls, shards: ShardSet | str | Path, stage1_dir: str | Path | None = None) -> JobData:
@@ -70,7 +71,8 @@ class JobData:
 
     def with_slice_tables(self, stage1_dir: str | Path) -> JobData:
         """The same studies with a stage-1 result's out-of-fold slice tables."""
-        return dataclasses.replace(self, slice_tables=load_slice_tables(Path(stage1_dir) / SLICE_TABLES))
+        return dataclasses.replace(self, slice_tables=load_slice_tables(Path(stage1_dir) / SLICE_TABLES),
+                                   stage1_dir=str(stage1_dir))
 
     @property
     def n_folds(self) -> int:
@@ -135,6 +137,10 @@ class Task(ABC):
     def build_model(self) -> nn.Module:
         name, kwargs = self.model_spec()
         return create_model(name, **kwargs)
+
+    def initial_model(self, fold: int) -> nn.Module:
+        """The model fold `fold` starts training from."""
+        return self.build_model()
 
     def optim(self) -> OptimConfig:
         return self.cfg.optim

@@ -8,6 +8,9 @@ The top teams' options (`SequenceConfig`): the robust slice choice and the slice
 the dataset's; the ratio channel is appended after augmentation (a plane of the step's stage-1
 ratio, which brightness and contrast must not change); not-found vertebrae can be left out of
 the loss (prediction gives them the prior anyway); flip TTA averages over the mirror image.
+With `init_from_stage1` each fold's CNN starts from its fold's stage-1 backbone: weights that
+learnt this CT's bone on the same training studies (never the fold's own), for the case with
+no ImageNet weights to start from.
 """
 
 from __future__ import annotations
@@ -37,6 +40,12 @@ class TwoStageTask(Task):
             "in_chans": self.in_chans, "sequence_head": s.head, "hidden": s.hidden,
             "num_layers": s.layers, "vertebra_embedding": s.vertebra_embedding, **self.cfg.model,
         }
+
+    def initial_model(self, fold: int) -> nn.Module:
+        model = self.build_model()
+        if self.cfg.sequence.init_from_stage1:
+            load_stage1_backbone(model.backbone, self.data.stage1_dir, fold)
+        return model
 
     def dataset(self, uids: list[str], labels: bool = True,
                 slice_tables: dict | None = None) -> VertebraSequenceDataset:
@@ -103,3 +112,21 @@ class TwoStageTask(Task):
                 if f:  # not found: keep the prior
                     probs[uid][v] = pi
         return pd.DataFrame.from_dict(probs, orient="index", columns=list(VERTEBRAE))
+
+
+def load_stage1_backbone(backbone: nn.Module, stage1_dir: str | None, fold: int) -> None:
+    """Copy fold `fold`'s best stage-1 backbone weights into `backbone` (the same timm model
+    with as many input channels; checked strictly)."""
+    from cspine_ray.train.result import load_result  # result.py imports the tasks package
+
+    if stage1_dir is None:
+        raise ValueError("sequence.init_from_stage1 needs the stage-1 result (train() passes it)")
+    prefix = "backbone."
+    weights = {k[len(prefix):]: v for k, v in load_result(stage1_dir).fold_weights(fold).items()
+               if k.startswith(prefix)}
+    try:
+        backbone.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ValueError(f"sequence.init_from_stage1: fold {fold}'s stage-1 backbone in {stage1_dir} "
+                         "does not fit stage 2's; both stages need the same backbone with as many "
+                         f"input channels (ratio_channel and per_step change stage 2's): {e}") from e
