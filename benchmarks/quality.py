@@ -338,15 +338,16 @@ def run_set(severity: str, args: argparse.Namespace, runs: Path, timings: Timing
     lines.append("")
 
     rows = []
-    arms = [("two_stage, thesis rules", {})] + [(f"two_stage + {k}", v) for k, v in TECHNIQUES.items()]
-    arms += [("two_stage, all techniques", ALL)] + [(f"two_stage + {k}", v) for k, v in OURS.items()]
-    if args.quick:
-        arms = [arms[0]] + [(f"two_stage + {k}", {**TECHNIQUES, **OURS}[k]) for k in args.also]
-    elif args.baselines_only:
-        arms = []
-    for name, changes in arms:
-        # the calibrator costs no retraining: shown for the combinations and our own arm
-        calibrator = name.startswith("two_stage, ") or name.removeprefix("two_stage + ") in OURS
+    # (row name, changes, with a calibrator row: it costs no retraining, so it is shown for the
+    # thesis rules, all techniques together and our own arm)
+    named = {**TECHNIQUES, **OURS}
+    arms = []
+    if not args.baselines_only:
+        arms = [("two_stage, thesis rules", {}, True)]
+        arms += [(f"two_stage + {k}", named[k], k in OURS) for k in (args.also if args.quick else named)]
+    if not (args.quick or args.baselines_only):
+        arms.append(("two_stage, all techniques", ALL, True))
+    for name, changes, calibrator in arms:
         trained = train_seeds("two_stage", changes, args, shards, runs, timings)
         rows += scored_rows(name, trained, shards, prior, calibrator)
     for family in () if args.quick else BASELINES:

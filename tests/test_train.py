@@ -216,11 +216,10 @@ def test_init_from_stage1_starts_each_fold_from_its_own_folds_stage1_backbone(ti
         assert not torch.equal(started[weight], other[f"backbone.{weight}"])  # not the other fold's
         assert not torch.equal(FoldRun(off, fold, cpu).model.backbone.state_dict()[weight],
                                started[weight])                           # off: fresh weights
-    # the heads stay fresh; a stage 2 whose input channels differ from stage 1's is refused
-    wider = make_task("two_stage", tiny("two_stage", **{"sequence.init_from_stage1": True,
-                                                        "sequence.ratio_channel": True}), data)
-    with pytest.raises(ValueError, match="input channels"):
-        wider.initial_model(0)
+    # a stage 2 whose input differs from stage 1's is refused with the config, before training
+    for wider in ({"sequence.ratio_channel": True}, {"sequence.per_step": 5}):
+        with pytest.raises(ValueError, match="input channels in both stages: stage 1 has 3"):
+            tiny("two_stage", **{"sequence.init_from_stage1": True, **wider})
     with pytest.raises(ValueError, match="one backbone for both stages"):
         tiny("two_stage", **{"sequence.init_from_stage1": True, "stage1.backbone": "test_convnext"})
 

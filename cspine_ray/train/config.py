@@ -125,6 +125,10 @@ class SequenceConfig:
     # training studies, never the fold's): in-domain weights when no ImageNet ones are at hand
     init_from_stage1: bool = False
 
+    def in_chans(self, windows: int) -> int:
+        """Channels of one 2.5D step: per_step slices per window, and the ratio plane."""
+        return self.per_step * windows + int(self.ratio_channel)
+
     def __post_init__(self):
         if self.head not in SEQUENCE_HEADS:
             raise ValueError(f"sequence.head must be one of {SEQUENCE_HEADS}, got {self.head!r}")
@@ -173,10 +177,20 @@ class TrainConfig:
         family(self.family)  # refuses an unknown name, listing the families
         if self.top_n is not None and not 1 <= self.top_n <= N_VERTEBRAE:
             raise ValueError(f"top_n must be in 1..{N_VERTEBRAE}, got {self.top_n}")
-        if (self.family == "two_stage" and self.sequence.init_from_stage1
-                and self.stage1.backbone != self.backbone):
+        if self.family == "two_stage" and self.sequence.init_from_stage1:
+            self._check_stage1_init()
+
+    def _check_stage1_init(self) -> None:
+        """Stage 2 can start from stage 1's backbone only if it is the same network: refused
+        here, before any worker starts, not in a training worker that Ray would restart."""
+        if self.stage1.backbone != self.backbone:
             raise ValueError(f"sequence.init_from_stage1 needs one backbone for both stages, got "
                              f"backbone {self.backbone!r} and stage1.backbone {self.stage1.backbone!r}")
+        stage2 = self.sequence.in_chans(len(self.input.windows))
+        if stage2 != self.input.channels:
+            raise ValueError(f"sequence.init_from_stage1 needs as many input channels in both stages: "
+                             f"stage 1 has {self.input.channels}, stage 2 {stage2} (per_step "
+                             f"{self.sequence.per_step}, ratio_channel {self.sequence.ratio_channel})")
 
     @property
     def spec(self) -> Family:

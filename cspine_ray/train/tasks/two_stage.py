@@ -60,8 +60,7 @@ class TwoStageTask(Task):
 
     @property
     def in_chans(self) -> int:
-        s = self.cfg.sequence
-        return s.per_step * len(self.cfg.input.windows) + int(s.ratio_channel)
+        return self.cfg.sequence.in_chans(len(self.cfg.input.windows))
 
     def train_dataset(self, uids: list[str], epoch: int, fold: int) -> VertebraSequenceDataset:
         return self.dataset(uids)
@@ -116,7 +115,7 @@ class TwoStageTask(Task):
 
 def load_stage1_backbone(backbone: nn.Module, stage1_dir: str | None, fold: int) -> None:
     """Copy fold `fold`'s best stage-1 backbone weights into `backbone` (the same timm model
-    with as many input channels; checked strictly)."""
+    with as many input channels, which TrainConfig checks; loaded strictly)."""
     from cspine_ray.train.result import load_result  # result.py imports the tasks package
 
     if stage1_dir is None:
@@ -124,9 +123,4 @@ def load_stage1_backbone(backbone: nn.Module, stage1_dir: str | None, fold: int)
     prefix = "backbone."
     weights = {k[len(prefix):]: v for k, v in load_result(stage1_dir).fold_weights(fold).items()
                if k.startswith(prefix)}
-    try:
-        backbone.load_state_dict(weights)
-    except RuntimeError as e:
-        raise ValueError(f"sequence.init_from_stage1: fold {fold}'s stage-1 backbone in {stage1_dir} "
-                         "does not fit stage 2's; both stages need the same backbone with as many "
-                         f"input channels (ratio_channel and per_step change stage 2's): {e}") from e
+    backbone.load_state_dict(weights)
