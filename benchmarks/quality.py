@@ -63,7 +63,8 @@ SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "laptop_families
 # Every technique off: the thesis's rules. Each arm below switches some of them on.
 OFF = {"sequence.slice_choice": "spread", "sequence.mask_not_found": False,
        "sequence.ratio_channel": False, "sequence.per_step": 3, "sequence.flip_tta": False,
-       "sequence.init_from_stage1": False, "stage1.anatomy": False, "stage1.pseudo_rounds": 0}
+       "sequence.init_from_stage1": False, "sequence.step_loss": 0.0, "stage1.anatomy": False,
+       "stage1.pseudo_rounds": 0}
 TECHNIQUES = {
     "robust slice choice": {"sequence.slice_choice": "run"},
     "not-found masked": {"sequence.mask_not_found": True},
@@ -81,8 +82,10 @@ STAGE1_ARMS = {
                                                                 "stage1.pseudo_rounds": 1},
 }
 ALL = {k: v for change in TECHNIQUES.values() for k, v in change.items()}
-# not a top team's: with no ImageNet weights, stage 2 starts from weights trained on this CT
-OURS = {"stage-1 backbone init": {"sequence.init_from_stage1": True}}
+# not a top team's: with no ImageNet weights, stage 2 starts from weights trained on this CT;
+# the fracture boxes' slices as per-step targets beside the vertebra label
+OURS = {"stage-1 backbone init": {"sequence.init_from_stage1": True},
+        "fracture-box step loss": {"sequence.step_loss": 1.0}}
 BASELINES = ("cnn3d", "single_head", "multi_head")
 
 

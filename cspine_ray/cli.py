@@ -43,14 +43,15 @@ def step_main(module_name: str, description: str, argv: list[str] | None = None,
     module.add_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    from cspine_ray.config import ConfigError
     from cspine_ray.io.errors import LayoutError
     from cspine_ray.train.placement import PlacementError
 
     try:
         return int(module.run(args) or 0)
-    except (PlacementError, LayoutError) as e:
-        # a request the cluster can never hold, an input file nothing can be read from:
-        # one line that says why (LayoutError names the file), no traceback
+    except (PlacementError, LayoutError, ConfigError) as e:
+        # a request the cluster can never hold, an input file nothing can be read from, a
+        # setting that cannot be: one line that says why (the file or key), no traceback
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
 

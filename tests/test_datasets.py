@@ -26,7 +26,7 @@ from cspine_ray.datasets import (
     study_crop_box,
     study_labels,
 )
-from cspine_ray.datasets.sequences import box_to_pixels
+from cspine_ray.datasets.sequences import box_to_pixels, step_targets
 from cspine_ray.datasets.volumes import read_cube
 from cspine_ray.io.errors import StudyError
 from cspine_ray.preprocess.shards import commit, new_tmp_dir
@@ -65,14 +65,15 @@ def stacked_mask(n, size):
     return mask
 
 
-def write_shard(studies, uid, volume, mask=None):
+def write_shard(studies, uid, volume, mask=None, fracture_boxes=()):
     tmp = new_tmp_dir(studies, uid)
     np.save(tmp / "volume.npy", volume)
     if mask is not None:
         np.save(tmp / "mask.npy", mask)
         np.save(tmp / "ratio.npy", vertebra_ratios(vertebra_pixel_counts(mask)))
         np.save(tmp / "box.npy", cervical_boxes(mask))
-    meta = {"study_uid": uid, "split": "train", "spacing": [1.0, 1.0, 1.0], "fracture_boxes": []}
+    meta = {"study_uid": uid, "split": "train", "spacing": [1.0, 1.0, 1.0],
+            "fracture_boxes": [list(b) for b in fracture_boxes]}
     commit(tmp, studies / uid, meta)
 
 
@@ -435,6 +436,41 @@ def test_sequence_samples_are_l_steps_of_three_chosen_slices(shards):
             np.testing.assert_allclose(centre(s["image"][step, 3:]).numpy(), soft, atol=1e-6)
         x0, y0, x1, y1 = s["box"].tolist()
         assert 0 < x0 < x1 < 1 and x1 - x0 == pytest.approx(y1 - y0)
+
+
+def test_step_targets_mark_the_steps_holding_a_fracture_box_slice():
+    indices = np.array([3, 4, 5, 6, 7, 8, 9, 10, 11])
+    np.testing.assert_array_equal(step_targets(indices, 3, {7}, 1.0)[0], [0, 1, 0])
+    np.testing.assert_array_equal(step_targets(indices, 3, {2, 11, 40}, 1.0)[0], [0, 0, 1])
+    assert step_targets(indices, 3, {7}, 1.0)[1]
+    # a vertebra not fractured: no step shows a fracture, whatever the boxes (another level's)
+    targets, known = step_targets(indices, 3, {7}, 0.0)
+    assert known and not targets.any()
+    # fractured, but the study has no boxes: its fracture may be on any step
+    targets, known = step_targets(indices, 3, set(), 1.0)
+    assert not known and targets.shape == (3,)
+    np.testing.assert_array_equal(step_targets(indices, 1, {4, 5}, 1.0)[0], [0, 1, 1, 0, 0, 0, 0, 0, 0])
+
+
+def test_sequence_step_labels_come_from_the_shards_fracture_boxes(tmp_path, shards):
+    studies = tmp_path / "studies"
+    d = "1.2.3.4"
+    write_shard(studies, d, coded_volume(30, 64), stacked_mask(30, 64),
+                fracture_boxes=[[12.0, 0.4, 0.4, 0.6, 0.6], [12.0, 0.1, 0.1, 0.2, 0.2]])
+    tables = shard_slice_tables(tmp_path, [d])
+    labels = {d: np.array([0, 0, 0, 1, 0, 0, 0, 1], np.float32)}
+    # C4 (as in the test above): steps 11 11 11 12 12 | 13 13 13 14 14; the box is on slice 12
+    ds = VertebraSequenceDataset(tmp_path, [(d, 3), (d, 0)], tables, labels, length=2,
+                                 crop_size=16, smooth=1, threshold=0.1, per_step=5)
+    fractured, intact = ds[0], ds[1]
+    assert fractured["step_label"].tolist() == [1.0, 0.0] and fractured["step_known"]
+    assert intact["step_label"].tolist() == [0.0, 0.0] and intact["step_known"]
+    # study A has no boxes: its fractured C2 has unknown steps, its intact C1 known zeros
+    plain = VertebraSequenceDataset(shards, [(A, 1), (A, 0)], shard_slice_tables(shards, [A]),
+                                    LABELS, length=2, crop_size=16)
+    assert not plain[0]["step_known"] and plain[1]["step_known"]
+    assert "step_label" not in VertebraSequenceDataset(tmp_path, [(d, 3)], tables, None,
+                                                       length=2, crop_size=16)[0]
 
 
 def test_sequence_fallback_for_an_unseen_vertebra(shards):

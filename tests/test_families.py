@@ -72,7 +72,8 @@ def test_a_family_key_moves_only_with_the_sections_that_family_reads():
     # predictions the best epoch is chosen on); the visibility rule retrains the 2D families
     for change in ({"sequence.slice_choice": "run"}, {"sequence.per_step": 5},
                    {"sequence.ratio_channel": True}, {"sequence.mask_not_found": True},
-                   {"sequence.flip_tta": True}, {"sequence.init_from_stage1": True}):
+                   {"sequence.flip_tta": True}, {"sequence.init_from_stage1": True},
+                   {"sequence.step_loss": 0.5}):
         assert keys(cfg("two_stage", **change))[0] != keys(cfg("two_stage"))[0], change
     for family in ("single_head", "multi_head"):
         assert (keys(cfg(family, **{"input.visibility_threshold": 0.5}))[0]

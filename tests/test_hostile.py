@@ -248,6 +248,18 @@ def test_preprocess_cli_says_which_file_is_unreadable_in_one_line(tmp_path, cont
     assert not (tmp_path / "out").exists()  # nothing started, nothing written
 
 
+def test_train_cli_refuses_a_bad_setting_in_one_line_naming_it(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("family: two_stage\nsequence: {step_loss: -1.0}\n")
+    result = subprocess.run([sys.executable, "-m", "cspine_ray.train", "--config", str(config),
+                             "--shards", str(tmp_path / "none")], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m cspine_ray.train: error: ")
+    assert "sequence.step_loss must be >= 0" in lines[0]
+
+
 def test_an_unexpected_error_quoting_a_file_name_is_recorded_without_it(tmp_path, monkeypatch, caplog):
     from cspine_ray.preprocess import study
 

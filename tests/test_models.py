@@ -326,6 +326,26 @@ def test_padded_sample_scores_as_if_unpadded(head):
     torch.testing.assert_close(weights[1:, :2], alone_weights, atol=1e-5, rtol=1e-5)
 
 
+def test_step_head_scores_every_step_of_the_context():
+    torch.manual_seed(0)
+    model = create_model("sequence_classifier", backbone=TINY, hidden=8, step_head=True).eval()
+    steps = torch.randn(2, 3, 3, SIZE, SIZE)
+    with torch.no_grad():
+        logits, step_logits = model(steps, return_steps=True)
+        # independently: backbone per step, the sequence head, the step layer on each step
+        context = model.sequence(model.backbone(steps.flatten(0, 1)).unflatten(0, (2, 3)))
+        expected = context @ model.step_head.weight[0] + model.step_head.bias[0]
+    assert step_logits.shape == (2, 3)
+    torch.testing.assert_close(step_logits, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, model(steps), atol=1e-6, rtol=1e-6)  # the same vertebra logit
+    plain = create_model("sequence_classifier", backbone=TINY, hidden=8)
+    assert not any(k.startswith("step_head") for k in plain.state_dict())  # old checkpoints load
+    with pytest.raises(ValueError, match="step_head=True"):
+        plain(steps, return_steps=True)
+    with pytest.raises(ValueError, match="return_attention"):
+        model(steps, return_steps=True, return_attention=True)
+
+
 def test_sequence_head_limits():
     lstm = create_sequence_head("lstm", in_features=4, hidden=4)
     holes = torch.tensor([[1, 0, 1]], dtype=torch.bool)

@@ -81,6 +81,44 @@ def test_not_found_vertebrae_can_be_left_out_of_the_loss():
     assert none.item() == 0.0 and model.logits.grad is not None
 
 
+class StepRecorder(nn.Module):
+    """Given vertebra logits (B,) and step logits (B, L), returned when return_steps is asked."""
+
+    def __init__(self, logits, steps):
+        super().__init__()
+        self.logits = nn.Parameter(torch.tensor(logits, dtype=torch.float32))
+        self.steps = nn.Parameter(torch.tensor(steps, dtype=torch.float32))
+        self.asked = None
+
+    def forward(self, image, vertebra=None, return_steps=False):
+        self.asked = return_steps
+        zero = 0 * image.mean(dim=(2, 3, 4))
+        return (self.logits + zero.mean(1), self.steps + zero) if return_steps else self.logits
+
+
+def test_step_loss_adds_the_weighted_step_targets_of_the_known_samples():
+    logits, steps = [2.0, -1.0, 0.5], [[1.0, -2.0], [0.0, 3.0], [-1.0, 1.0]]
+    b = batch(found=(True, True, False))
+    b["step_label"] = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]])
+    b["step_known"] = torch.tensor([True, False, True])  # sample 1: a fractured vertebra, no boxes
+    g = torch.Generator().manual_seed(0)
+    vertebra = (bce(2.0, 1, 2) + bce(-1.0, 0, 1) + bce(0.5, 1, 2)) / 5
+    # the known samples' steps: 0 (targets 1, 0) and 2 (0, 1), positive steps weighted 2
+    step = (bce(1.0, 1, 2) + bce(-2.0, 0, 1) + bce(-1.0, 0, 1) + bce(1.0, 1, 2)) / 6
+    model = StepRecorder(logits, steps)
+    on = task(step_loss=0.5).loss(model, b, g)
+    assert model.asked and on.item() == pytest.approx(vertebra + 0.5 * step, rel=1e-5)
+    model = StepRecorder(logits, steps)
+    off = task().loss(model, b, g)  # the default: no step head, the step targets unread
+    assert not model.asked and off.item() == pytest.approx(vertebra, rel=1e-5)
+    assert task(step_loss=0.5).model_spec()[1]["step_head"] and not task().model_spec()[1]["step_head"]
+    # with not-found masking the step loss keeps only found samples: sample 2 drops out of both
+    masked = task(step_loss=0.5, mask_not_found=True).loss(StepRecorder(logits, steps), b, g)
+    vertebra_found = (bce(2.0, 1, 2) + bce(-1.0, 0, 1)) / 3
+    step_found = (bce(1.0, 1, 2) + bce(-2.0, 0, 1)) / 3
+    assert masked.item() == pytest.approx(vertebra_found + 0.5 * step_found, rel=1e-5)
+
+
 class LeftMinusRight(nn.Module):
     """Logit = mean of the left half minus the right half: flips to minus itself in a mirror."""
 
@@ -105,3 +143,5 @@ def test_option_values_are_checked():
         task(slice_choice="peak")
     with pytest.raises(ValueError, match="per_step"):
         task(per_step=0)
+    with pytest.raises(ValueError, match="step_loss"):
+        task(step_loss=-1.0)

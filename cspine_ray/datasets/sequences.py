@@ -18,6 +18,11 @@ fallback and found=False, which the model may answer with a prior:
   2. none: its expected anatomical place, part `vertebra` of 7 equal parts of the study's
      cervical z-range (slices where any vertebra passes the threshold; the whole study when
      none does).
+
+Per-step fracture targets (`step_targets`): a step shows the fracture of a fractured vertebra
+when one of its slices carries a fracture box of the study (train_bounding_boxes.csv, one box
+per slice); every step of a vertebra labelled not fractured shows none. A fractured vertebra of
+a study without boxes has no step targets (known=False): its fracture may be on any step.
 """
 
 from __future__ import annotations
@@ -152,6 +157,21 @@ def study_crop_box(boxes: np.ndarray, indices: Sequence[int] | np.ndarray,
     return (float(x0), float(y0), float(x1), float(y1))
 
 
+def step_targets(indices: np.ndarray, per_step: int, fracture_slices: set[int] | frozenset[int],
+                 label: float) -> tuple[np.ndarray, bool]:
+    """(float32 (L,) per-step fracture target, known) for one vertebra's chosen slices.
+
+    label 0: every step 0, known. label 1 and the study has fracture boxes: a step is 1 when any
+    of its `per_step` slices has a box, known. label 1 without boxes: unknown (all 0)."""
+    steps = np.asarray(indices, dtype=np.int64).reshape(-1, per_step)
+    if label < 0.5:
+        return np.zeros(len(steps), np.float32), True
+    if not fracture_slices:
+        return np.zeros(len(steps), np.float32), False
+    hit = np.isin(steps, np.fromiter(fracture_slices, np.int64, len(fracture_slices))).any(axis=1)
+    return hit.astype(np.float32), True
+
+
 def box_to_pixels(box: tuple[float, float, float, float], height: int,
                   width: int) -> tuple[int, int, int, int]:
     """Normalised (x0, y0, x1, y1) -> pixel (y0, y1, x0, x1), end exclusive, at least 1 pixel."""
@@ -172,6 +192,8 @@ class VertebraSequenceDataset(Dataset):
                   middle slice (how surely the step shows it; an optional input channel)
         vertebra  int (0 = C1 ... 6 = C7)
         label     float32 scalar, the study's label for this vertebra (only when labels are given)
+        step_label float32 (L,) and step_known bool: `step_targets` from the shard's fracture
+                  boxes (only when labels are given)
         found     bool, False when the fallback chose the slices
         indices   int64 (kL,) the chosen slices
         box       float32 (4) the crop box x0, y0, x1, y1 in [0, 1]
@@ -243,5 +265,9 @@ class VertebraSequenceDataset(Dataset):
             "uid": uid,
         }
         if self.labels is not None:
-            sample["label"] = torch.tensor(self.labels[uid][vertebra], dtype=torch.float32)
+            label = float(self.labels[uid][vertebra])
+            fractures = {int(b[0]) for b in self.store.get(uid).fracture_boxes}
+            steps, known = step_targets(indices, self.per_step, fractures, label)
+            sample["label"] = torch.tensor(label, dtype=torch.float32)
+            sample["step_label"], sample["step_known"] = torch.from_numpy(steps), known
         return sample

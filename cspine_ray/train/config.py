@@ -124,6 +124,10 @@ class SequenceConfig:
     # each fold's backbone starts from its own fold's stage-1 backbone (trained on the same
     # training studies, never the fold's): in-domain weights when no ImageNet ones are at hand
     init_from_stage1: bool = False
+    # weight of a per-step fracture loss on the slices of train_bounding_boxes.csv (a step head
+    # beside the vertebra's logit; studies without boxes teach only their negative vertebrae);
+    # 0 = off
+    step_loss: float = 0.0
 
     def in_chans(self, windows: int) -> int:
         """Channels of one 2.5D step: per_step slices per window, and the ratio plane."""
@@ -139,6 +143,8 @@ class SequenceConfig:
                              f"got {self.slice_choice!r}")
         if self.per_step < 1:
             raise ValueError(f"sequence.per_step must be >= 1, got {self.per_step}")
+        if not self.step_loss >= 0:
+            raise ValueError(f"sequence.step_loss must be >= 0, got {self.step_loss}")
 
 
 @dataclass

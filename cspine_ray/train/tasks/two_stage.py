@@ -10,7 +10,8 @@ ratio, which brightness and contrast must not change); not-found vertebrae can b
 the loss (prediction gives them the prior anyway); flip TTA averages over the mirror image.
 With `init_from_stage1` each fold's CNN starts from its fold's stage-1 backbone: weights that
 learnt this CT's bone on the same training studies (never the fold's own), for the case with
-no ImageNet weights to start from.
+no ImageNet weights to start from. With `step_loss` > 0 a step head learns which steps show the
+fracture from the fracture boxes' slices (weighted into the loss; prediction ignores it).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ class TwoStageTask(Task):
             "backbone": self.cfg.backbone, "pretrained": self.cfg.pretrained,
             "weights": self.cfg.weights,
             "in_chans": self.in_chans, "sequence_head": s.head, "hidden": s.hidden,
-            "num_layers": s.layers, "vertebra_embedding": s.vertebra_embedding, **self.cfg.model,
+            "num_layers": s.layers, "vertebra_embedding": s.vertebra_embedding,
+            "step_head": s.step_loss > 0, **self.cfg.model,
         }
 
     def initial_model(self, fold: int) -> nn.Module:
@@ -65,23 +67,30 @@ class TwoStageTask(Task):
     def train_dataset(self, uids: list[str], epoch: int, fold: int) -> VertebraSequenceDataset:
         return self.dataset(uids)
 
-    def _forward(self, model: nn.Module, image: torch.Tensor, batch: dict) -> torch.Tensor:
-        """Logits (B,) of (B, L, C, S, S) crops; the ratio plane is added here, after any
-        augmentation of the crops."""
+    def _forward(self, model: nn.Module, image: torch.Tensor, batch: dict,
+                 return_steps: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B,) of (B, L, C, S, S) crops (and the step logits (B, L)); the ratio plane
+        is added here, after any augmentation of the crops."""
         if self.cfg.sequence.ratio_channel:
             ratio = batch["ratio"].to(image.dtype)[:, :, None, None, None]  # (B, L, 1, 1, 1)
             image = torch.cat([image, ratio.expand(*image.shape[:2], 1, *image.shape[3:])], dim=2)
-        return model(image, batch["vertebra"] if self.cfg.sequence.vertebra_embedding else None)
+        vertebra = batch["vertebra"] if self.cfg.sequence.vertebra_embedding else None
+        return model(image, vertebra, return_steps=True) if return_steps else model(image, vertebra)
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        s = self.cfg.sequence
         image = augment_batch(batch["image"], self.cfg.augment, generator)
-        logits, label = self._forward(model, image, batch), batch["label"]
-        if self.cfg.sequence.mask_not_found:
-            found = batch["found"]
-            if not found.any():  # nothing to learn from here; keep the graph for backward
-                return logits.sum() * 0.0
-            logits, label = logits[found], label[found]
-        return weighted_bce(logits, label)
+        if s.step_loss > 0:
+            logits, steps = self._forward(model, image, batch, return_steps=True)
+        else:
+            logits, steps = self._forward(model, image, batch), None
+        keep = batch["found"] if s.mask_not_found else torch.ones_like(batch["found"])
+        if not keep.any():  # nothing to learn from here; keep the graph for backward
+            return logits.sum() * 0.0
+        loss = weighted_bce(logits[keep], batch["label"][keep])
+        if steps is not None and (known := keep & batch["step_known"]).any():
+            loss = loss + s.step_loss * weighted_bce(steps[known], batch["step_label"][known])
+        return loss
 
     def _probabilities(self, model: nn.Module, batch: dict) -> torch.Tensor:
         p = torch.sigmoid(self._forward(model, batch["image"], batch).float())
