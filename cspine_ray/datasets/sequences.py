@@ -157,7 +157,7 @@ def study_crop_box(boxes: np.ndarray, indices: Sequence[int] | np.ndarray,
     return (float(x0), float(y0), float(x1), float(y1))
 
 
-def step_targets(indices: np.ndarray, per_step: int, fracture_slices: set[int] | frozenset[int],
+def step_targets(indices: np.ndarray, per_step: int, fracture_slices: set[int],
                  label: float) -> tuple[np.ndarray, bool]:
     """(float32 (L,) per-step fracture target, known) for one vertebra's chosen slices.
 
@@ -168,7 +168,7 @@ def step_targets(indices: np.ndarray, per_step: int, fracture_slices: set[int] |
         return np.zeros(len(steps), np.float32), True
     if not fracture_slices:
         return np.zeros(len(steps), np.float32), False
-    hit = np.isin(steps, np.fromiter(fracture_slices, np.int64, len(fracture_slices))).any(axis=1)
+    hit = np.isin(steps, list(fracture_slices)).any(axis=1)
     return hit.astype(np.float32), True
 
 
@@ -243,7 +243,8 @@ class VertebraSequenceDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         uid, vertebra = self.samples[i]
-        volume = self.store.get(uid).slices(self.native)
+        shard = self.store.get(uid)
+        volume = shard.slices(self.native)
         n, height, width = volume.shape
         table = check_slice_table(uid, self.slice_tables[uid], n)
         indices, found = choose_slices(table[:, :N_VERTEBRAE], vertebra, self.length, self.threshold,
@@ -266,7 +267,7 @@ class VertebraSequenceDataset(Dataset):
         }
         if self.labels is not None:
             label = float(self.labels[uid][vertebra])
-            fractures = {int(b[0]) for b in self.store.get(uid).fracture_boxes}
+            fractures = {int(b[0]) for b in shard.fracture_boxes}
             steps, known = step_targets(indices, self.per_step, fractures, label)
             sample["label"] = torch.tensor(label, dtype=torch.float32)
             sample["step_label"], sample["step_known"] = torch.from_numpy(steps), known
