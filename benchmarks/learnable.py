@@ -10,32 +10,28 @@ stage 1 20 epochs, stage 2 20 epochs, tiny backbones), where the thesis rules re
 AUC of 0.6-0.8, once per training seed with the test's budget and once with each --change
 on top of it (dotted TrainConfig keys, values as YAML: `sequence.step_loss=1.0`). The seed
 moves both stages; one seed's stage 1 is shared by all its arms. Prints every run and, per
-arm, the mean ± sd over the seeds of the OOF metric and patient AUC (the epoch chosen on the
-same folds' vertebra loss) and of the last epoch's CV metric, which nothing chose.
+arm, quality.py's row over the seeds (mean ± sd): the OOF figures at the epoch chosen on the
+same folds' vertebra loss, and the last epoch's CV figures, which nothing chose.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import os
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
-from quality import load, markdown, spread, start
+from quality import Timings, markdown, row, start, timed
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_learning import BUDGET, SET  # noqa: E402  (the test's set and budget: one home)
-
-COLUMNS = ("arm", "seeds", "OOF metric", "/ prior", "patient AUC", "mean AUC", "last CV metric",
-           "best epochs")
+# the test's set, budget and data: one home
+from test_learning import BUDGET, write_learning_shards  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,23 +50,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def shards(storage: Path) -> Path:
-    """The learning test's set, generated and preprocessed once into `storage`."""
-    from cspine_ray.preprocess.config import PreprocessConfig
-    from cspine_ray.preprocess.pipeline import run_preprocess
-    from cspine_ray.synth import dataset_specs, write_dataset
-
-    out = storage / "shards"
-    if (out / "manifest.parquet").exists():
-        return out
-    specs = dataset_specs(SET["studies"], seed=SET["seed"], n_test=0, size=SET["size"],
-                          slice_spacing=SET["slice_spacing"], severity=SET["severity"])
-    specs = [dataclasses.replace(s, has_segmentation=True) for s in specs]
-    write_dataset(storage / "rsna", specs, processes=2)
-    run_preprocess(storage / "rsna", out, PreprocessConfig(size=SET["size"], n_folds=2))
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start(args, f"learnable: the learning test's set, arms {list(args.arms)}, seeds {args.seeds}")
@@ -79,11 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     from cspine_ray.train.job import train
     from cspine_ray.train.result import evaluate_prior, evaluate_result
 
-    data = shards(args.storage)
+    data = args.storage / "shards"
+    if not (data / "manifest.parquet").exists():  # generated and preprocessed once
+        write_learning_shards(args.storage, processes=2)
     prior = evaluate_prior(data)["oof_metric"]
     print(f"constant prior: OOF metric {prior:.4f}")
-    runs: dict[str, list[tuple[dict, object]]] = {arm: [] for arm in args.arms}
-    began = time.perf_counter()
+    timings = Timings(args.storage / "timings.json")
+    runs: dict[str, list[tuple]] = {arm: [] for arm in args.arms}
     for seed in args.seeds:
         for arm, changes in args.arms.items():
             settings = copy.deepcopy(BUDGET)
@@ -91,25 +72,16 @@ def main(argv: list[str] | None = None) -> int:
             for key, value in changes.items():
                 set_dotted(settings, key, value)
             cfg = from_dict(TrainConfig, settings)
-            t, before = time.perf_counter(), load()
-            result = train(cfg, data, args.storage / "runs")
+            result, timing = timed(timings, lambda: train(cfg, data, args.storage / "runs"))
             figures = evaluate_result(result, data, cfg.effective_top_n)
-            runs[arm].append((figures, result))
+            runs[arm].append((figures, result, timing))
             print(f"seed {seed}, {arm}: OOF metric {figures['oof_metric']:.4f}, patient AUC "
                   f"{figures['oof_auc_patient_overall']:.3f}, best epoch {result.info.best_epoch}, "
-                  f"last CV {result.info.last['cv_metric']:.4f} ({time.perf_counter() - t:.0f} s, "
-                  f"load {before:.1f} -> {load():.1f})", flush=True)
-    rows = []
-    for arm, done in runs.items():
-        metric = [f["oof_metric"] for f, _ in done]
-        rows.append([arm, str(len(done)), spread(metric, 4), f"{sum(metric) / len(metric) / prior:.2f}",
-                     spread([f["oof_auc_patient_overall"] for f, _ in done], 3),
-                     spread([f["oof_auc_mean"] for f, _ in done], 3),
-                     spread([r.info.last["cv_metric"] for _, r in done], 4),
-                     ", ".join(str(r.info.best_epoch) for _, r in done)])
-    rows.append(["constant prior", "-", f"{prior:.4f}", "1.00", "0.500", "-", "-", "-"])
-    print(markdown(rows, COLUMNS))
-    print(f"wall time {time.perf_counter() - began:.0f} s")
+                  f"last CV {result.info.last['cv_metric']:.4f}", flush=True)
+    rows = [row(arm, [f for f, _, _ in done], prior, [r for _, r, _ in done],
+                [t for _, _, t in done]) for arm, done in runs.items()]
+    rows.append(["constant prior", f"{prior:.4f}", "1.00", "0.500", "-", "-", "-", "-", "-"])
+    print(markdown(rows))
     return 0
 
 

@@ -40,8 +40,9 @@ BUDGET = {
 }
 
 
-@pytest.fixture(scope="module")
-def learning_shards(tmp_path_factory, ray_local):
+def write_learning_shards(folder, processes: int = 1):
+    """SET generated into folder/rsna (every study segmented) and preprocessed into 2 folds in
+    folder/shards (also benchmarks/learnable.py's data); returns (shards, manifest)."""
     from cspine_ray.preprocess.config import PreprocessConfig
     from cspine_ray.preprocess.pipeline import run_preprocess
     from cspine_ray.synth import dataset_specs, write_dataset
@@ -49,10 +50,14 @@ def learning_shards(tmp_path_factory, ray_local):
     specs = dataset_specs(SET["studies"], seed=SET["seed"], n_test=0, size=SET["size"],
                           slice_spacing=SET["slice_spacing"], severity=SET["severity"])
     specs = [dataclasses.replace(s, has_segmentation=True) for s in specs]
-    root = tmp_path_factory.mktemp("learning") / "rsna"
-    write_dataset(root, specs)
-    out = root.parent / "shards"
-    manifest = run_preprocess(root, out, PreprocessConfig(size=SET["size"], n_folds=2))
+    write_dataset(folder / "rsna", specs, processes=processes)
+    out = folder / "shards"
+    return out, run_preprocess(folder / "rsna", out, PreprocessConfig(size=SET["size"], n_folds=2))
+
+
+@pytest.fixture(scope="module")
+def learning_shards(tmp_path_factory, ray_local):
+    out, manifest = write_learning_shards(tmp_path_factory.mktemp("learning"))
     assert (manifest.loc[manifest["split"] == "train", "status"] == "ok").sum() == SET["studies"]
     return out
 
