@@ -168,7 +168,7 @@ def model_card(info: dict, result, metrics: dict) -> str:
     it did out of fold and how that figure was chosen, and what it is not."""
     from cspine_ray.train.result import evaluate_prior
 
-    trained, oof, last = result.info, result.oof(), result.info.last
+    trained, oof = result.info, result.oof()
     prior = evaluate_prior(trained.shards_dir)["oof_metric"]
 
     def fig(key: str) -> str:
@@ -176,7 +176,8 @@ def model_card(info: dict, result, metrics: dict) -> str:
         return "n/a" if value is None else f"{value:.4f}"
 
     return "\n".join([
-        f"# cspine-ray {info['family']} ensemble ({trained.n_folds} fold models)",
+        f"# cspine-ray {info['family']} ensemble ({trained.n_folds * result.n_members} fold "
+        "models)",
         "",
         "**Intended use**: research on cervical-spine (C1-C7) fracture detection in axial CT, "
         "as in the RSNA 2022 challenge. **Research use only: not a medical device**, not "
@@ -193,10 +194,8 @@ def model_card(info: dict, result, metrics: dict) -> str:
         f"{fig('oof_metric')}, mean AUC {fig('oof_auc_mean')}, patient AUC "
         f"{fig('oof_auc_patient_overall')}; the constant prior (each fold predicted with the "
         f"other folds' prevalences) scores {prior:.4f}",
-        f"- how chosen: epoch {trained.best_epoch} of {last['epoch']} is the epoch with the "
-        f"best cv_{trained.selected_on} on these same folds, and this trial was the search's "
-        "best by the CV metric, so both are optimistic; the last epoch's CV metric was "
-        f"{last['cv_metric']:.4f}",
+        f"- how chosen: {trained.how_chosen()}; this trial was the search's best by the CV "
+        "metric, so both choices are optimistic",
         patient_rule(info),
         "",
         "## Known limits",

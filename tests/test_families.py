@@ -80,12 +80,38 @@ def test_a_family_key_moves_only_with_the_sections_that_family_reads():
                 != keys(cfg(family))[0])
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_seed_ensemble_has_its_own_key_and_its_members_are_the_plain_runs_of_their_seeds(family):
+    from cspine_ray.train.seeds import member_configs
+
+    single, three = cfg(family), cfg(family, ensemble=3)
+    assert three.training_key(MANIFEST) != single.training_key(MANIFEST)
+    assert three.training_key(MANIFEST) != cfg(family, ensemble=4).training_key(MANIFEST)
+    members = member_configs(three)
+    assert [(m.seed, m.ensemble) for m in members] == [(42, 1), (43, 1), (44, 1)]
+    # each member is what a plain run of its seed trains (both stages), so either reuses the other
+    for m, seed in zip(members, (42, 43, 44)):
+        assert keys(m) == keys(cfg(family, seed=seed))
+    assert len({m.training_key(MANIFEST) for m in members}) == 3
+
+
+def test_a_single_model_keeps_the_key_it_had_before_seed_ensembles():
+    # the default keys as the code before `ensemble` existed computed them (commit 741343f):
+    # a user's finished results stay reusable
+    assert cfg("two_stage").training_key(MANIFEST) == "6be0a7be27fa45d5"
+    assert cfg("cnn3d").training_key(MANIFEST) == "73a689ed99078bd9"
+    assert cfg("two_stage").stage1_key(MANIFEST) == "3239a486dd36a09e"
+    with pytest.raises(ConfigError, match="ensemble must be"):
+        cfg("two_stage", ensemble=0)
+
+
 def test_read_settings_are_the_sections_the_family_reads_plus_its_rule():
     assert sorted(cfg("cnn3d", top_n=3).read_settings()) == [
-        "augment", "calibrate", "family", "input", "model", "optim", "seed"]  # no N: it predicts it
+        "augment", "calibrate", "ensemble", "family", "input", "model", "optim", "seed"]  # no N
     two = cfg("two_stage").read_settings()
-    assert sorted(two) == ["augment", "backbone", "calibrate", "family", "input", "model", "optim",
-                           "pretrained", "seed", "sequence", "stage1", "top_n", "weights"]
+    assert sorted(two) == ["augment", "backbone", "calibrate", "ensemble", "family", "input",
+                           "model", "optim", "pretrained", "seed", "sequence", "stage1", "top_n",
+                           "weights"]
     assert two["calibrate"] is False and cfg("cnn3d", calibrate=True).read_settings()["calibrate"]
     assert two["top_n"] == 7 and cfg("single_head").read_settings()["top_n"] == 1
     assert cfg("multi_head", top_n=4).read_settings()["top_n"] == 4

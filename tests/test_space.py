@@ -32,6 +32,11 @@ def test_the_real_data_spaces_fine_tune_and_the_cpu_spaces_need_no_download():
     laptop = load_space(SPACES / "laptop.yaml")
     # the patient rule (N or the calibrator) is searched; it costs no retraining
     assert {"top_n", "calibrate"} <= set(laptop.params) and laptop.families() == ["two_stage"]
+    # every laptop trial a seed ensemble of 3; the family comparison, which extends its base,
+    # compares single models
+    assert laptop.params["ensemble"] == 3 and "ensemble" not in laptop.base
+    families = load_space(SPACES / "laptop_families.yaml")
+    assert "ensemble" not in families.params and "ensemble" not in families.base
 
 
 def _space(tmp_path, **sections) -> Path:

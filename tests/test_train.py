@@ -362,3 +362,52 @@ def test_the_calibrator_is_cross_fitted_out_of_fold_and_applied_by_the_ensemble(
     np.testing.assert_allclose(got.loc[few].to_numpy(float),
                                calibrator.predict(raw.loc[few, list(VERTEBRAE)].to_numpy(float), flags),
                                rtol=1e-6)
+
+
+def test_a_seed_ensemble_is_the_mean_of_the_plain_runs_of_its_seeds(tiny_shards, storage,
+                                                                    ray_local, tmp_path):
+    """ensemble: 2 trains seed 43 as a plain run would (both stages), keeps seed 42's, and
+    predicts, out of fold and on new studies, the mean of the two."""
+    from cspine_ray.datasets import shard_slice_tables
+    from cspine_ray.predict.ensemble import Ensemble
+    from cspine_ray.predict.pyfunc import make_bundle
+    from cspine_ray.train.tasks.base import SLICE_TABLES, Studies, load_slice_tables
+
+    ens = train(tiny("two_stage", ensemble=2), tiny_shards, storage)
+    single = train(tiny("two_stage"), tiny_shards, storage)       # the export test's
+    other = train(tiny("two_stage", seed=43), tiny_shards, storage)
+    assert other.reused and ens.info.members == [single.path.name, other.path.name]
+    assert ens.info.member_epochs == [single.info.best_epoch, other.info.best_epoch]
+    assert ens.info.last["cv_metric"] == pytest.approx(
+        (single.info.last["cv_metric"] + other.info.last["cv_metric"]) / 2)
+    a, b = (r.oof().set_index("study_uid").sort_index() for r in (single, other))
+    got = ens.oof().set_index("study_uid").sort_index()
+    np.testing.assert_allclose(got[list(VERTEBRAE)].to_numpy(),
+                               ((a + b) / 2)[list(VERTEBRAE)].to_numpy(), rtol=1e-12)
+    assert (got["fold"] == a["fold"]).all()
+    # its stage 1: both seeds' stage-1 fold models, their out-of-fold tables averaged
+    stage1 = load_result(ens.info.stage1_dir)
+    assert stage1.n_members == 2 and Path(ens.info.stage1_dir).parent == ens.path
+    tables = [load_slice_tables(Path(r.info.stage1_dir) / SLICE_TABLES) for r in (single, other)]
+    mine = load_slice_tables(stage1.path / SLICE_TABLES)
+    assert sorted(mine) == sorted(tables[0])
+    for uid in list(mine)[:3]:
+        np.testing.assert_allclose(mine[uid], (tables[0][uid] + tables[1][uid]) / 2, rtol=1e-6)
+    assert train(tiny("two_stage", ensemble=2), tiny_shards, storage).reused
+
+    # the predictor (and the promoted bundle) holds all 4 + 4 fold models; stage 2 of both
+    # seeds averaged, checked on true slice tables so every vertebra is found
+    bundle = make_bundle(ens.path, ens.info.stage1_dir, tiny_shards, tmp_path / "bundle", {})
+    loaded = Ensemble.load(bundle / "result", bundle / "stage1", device="cpu")
+    assert len(loaded.models) == 4 and len(loaded.stage1_models) == 4
+    cpu = torch.device("cpu")
+    segmented = sorted(JobData.load(tiny_shards).segmented)[:4]
+    task = make_task("two_stage", ens.config,
+                     Studies(str(tiny_shards), shard_slice_tables(tiny_shards, segmented)))
+    prior = loaded.prior
+    alone = [task.predict(Ensemble.load(r.path, device="cpu").models, segmented, cpu, prior=prior)
+             for r in (single, other)]
+    assert not np.allclose(alone[0].to_numpy(float), alone[1].to_numpy(float))
+    np.testing.assert_allclose(
+        task.predict(loaded.models, segmented, cpu, prior=prior).loc[segmented].to_numpy(float),
+        ((alone[0] + alone[1]) / 2).loc[segmented].to_numpy(float), rtol=1e-5, atol=1e-6)

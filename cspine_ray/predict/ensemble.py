@@ -3,7 +3,8 @@
     ensemble = Ensemble.load(result_dir)            # stage-1 folder found from the result
     targets, tables = ensemble.predict(shards_dir, uids)
 
-Study probabilities are the mean of the fold models' (as the thesis averages its 5 folds);
+Study probabilities are the mean of the fold models' (as the thesis averages its 5 folds; a
+seed ensemble's members are averaged with them);
 patient_overall follows the result's top-N rule (or the one given), or a calibrator fitted on
 the out-of-fold predictions gives all eight (models/calibrator.py). The two-stage and 2D
 families first run the stage-1 fold models (their slice tables averaged) on the same shards.
@@ -13,6 +14,7 @@ studies, is read once and run through all fold models (`Task.predict` takes the 
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,17 +35,18 @@ log = logging.getLogger(__name__)
 
 
 def load_fold_models(result: TrainResult, device: torch.device) -> list[nn.Module]:
-    """Every fold's best-epoch model, built from the stored spec (never downloading weights)."""
+    """Every fold's best-epoch model (every member's, for a seed ensemble), built from the
+    stored spec (never downloading weights)."""
     spec = result.info.model
     models = []
-    for fold in range(result.n_folds):
+    for fold, member in itertools.product(range(result.n_folds), range(result.n_members)):
         kwargs = dict(spec.kwargs)
         if "pretrained" in kwargs:
             kwargs["pretrained"] = False  # the fold weights replace them anyway
         if "weights" in kwargs:
             kwargs["weights"] = None      # nor may a promoted model need the pretrained file
         model = create_model(spec.name, **kwargs)
-        model.load_state_dict(result.fold_weights(fold))
+        model.load_state_dict(result.fold_weights(fold, member))
         models.append(model.to(device).eval())
     return models
 

@@ -56,11 +56,8 @@ def run(args: argparse.Namespace) -> int:
     result = train(cfg, shards, args.storage, reuse=not args.no_reuse)
     figures = evaluate_result(result, shards, cfg.effective_top_n)
     info = result.info
-    print(f"{cfg.family}: CV metric {info.cv_metric:.4f} at epoch {info.best_epoch} of "
-          f"{info.last['epoch']} (the epoch chosen on these same {result.n_folds} folds' "
-          f"cv_{info.selected_on}; the last "
-          f"epoch's: {info.last['cv_metric']:.4f}); out-of-fold metric {figures['oof_metric']:.4f},"
-          f" mean AUC {figures['oof_auc_mean']:.3f}")
+    print(f"{cfg.family}: CV metric {info.cv_metric:.4f} ({info.how_chosen()}); out-of-fold "
+          f"metric {figures['oof_metric']:.4f}, mean AUC {figures['oof_auc_mean']:.3f}")
     print(json.dumps(figures, indent=1))
     print(f"result: {result.path}")
     return 0

@@ -172,6 +172,11 @@ class TrainConfig:
     # instead (models/calibrator.py); like N it is applied after training, costing none
     calibrate: bool = False
     seed: int = 42
+    # a seed ensemble: the family (both stages) trained this many times on the same folds, with
+    # seeds seed, seed + 1, ...; its out-of-fold predictions and fold models are averaged
+    # (train/seeds.py). Averaging seeds is the one measured way to turn more CPU time into a
+    # better metric on small data (BENCHMARKS.md, "Seed ensembles")
+    ensemble: int = 1
     optim: OptimConfig = field(default_factory=OptimConfig)
     input: InputConfig = field(default_factory=InputConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -181,6 +186,9 @@ class TrainConfig:
 
     def __post_init__(self):
         family(self.family)  # refuses an unknown name, listing the families
+        if self.ensemble < 1:
+            raise ValueError(f"ensemble must be a whole number >= 1 (members of a seed ensemble), "
+                             f"got {self.ensemble!r}")
         if self.top_n is not None and not 1 <= self.top_n <= N_VERTEBRAE:
             raise ValueError(f"top_n must be in 1..{N_VERTEBRAE}, got {self.top_n}")
         if self.family == "two_stage" and self.sequence.init_from_stage1:
@@ -232,6 +240,8 @@ class TrainConfig:
         """
         d = drop(select(to_dict(self), self.spec.sections), UNKEYED)
         d.pop("stage1", None)  # stands in the stage-1 key, with all the locator reads
+        if d.get("ensemble") == 1:  # a single model keeps its key (an ensemble's first member)
+            del d["ensemble"]
         if self.needs_stage1:
             d["stage1_key"] = self.stage1_key(manifest_hash)
         d["manifest"], d["version"] = manifest_hash, KEY_VERSION

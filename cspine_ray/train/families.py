@@ -25,13 +25,14 @@ class Family:
 
 
 # read by every family's training (besides its own sections)
-_COMMON = ("family", "model", "seed", "optim", "input", "augment")
+_COMMON = ("family", "model", "seed", "ensemble", "optim", "input", "augment")
 _TIMM = ("backbone", "pretrained", "weights")
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     # the 3D CNN reads the whole volume at cube^3: of the input section only these two
     Family("cnn3d", ("cnn3d",), top_n=None, needs_stage1=False,
-           sections=("family", "model", "seed", "optim", "input.windows", "input.cube", "augment")),
+           sections=("family", "model", "seed", "ensemble", "optim", "input.windows", "input.cube",
+                     "augment")),
     # thesis eq. 4.2: patient = max over vertebrae
     Family("single_head", ("slice_classifier",), top_n=1, needs_stage1=True,
            sections=_COMMON + _TIMM + ("stage1",)),

@@ -31,7 +31,8 @@ from cspine_ray.train.config import TrainConfig
 from cspine_ray.train.loop import JobSpec, fold_file, train_loop_per_worker
 from cspine_ray.train.placement import Cluster, FoldLayout, current_cluster, fold_layout
 from cspine_ray.train.result import (RESULT, ModelSpec, ResultInfo, TrainResult, load_result,
-                                     torch_load, write_info)
+                                     torch_load, weights_file, write_info)
+from cspine_ray.train.seeds import member_configs, write_seed_ensemble
 from cspine_ray.train.tasks import JobData, make_task
 from cspine_ray.train.tasks.base import SLICE_TABLES, save_slice_tables
 
@@ -118,7 +119,7 @@ def _export(checkpoint, out: Path, info: ResultInfo) -> None:
             oofs, tables = [], {}
             for k in range(info.n_folds):
                 best = torch_load(folder / fold_file(k, "best.pt"))
-                torch.save({"model": best["model"], "epoch": best["epoch"]}, tmp / f"fold_{k}.pt")
+                torch.save({"model": best["model"], "epoch": best["epoch"]}, tmp / weights_file(k))
                 oofs.append(pd.read_parquet(folder / fold_file(k, "oof.parquet")))
                 extra = folder / fold_file(k, "tables.npz")
                 if extra.exists():
@@ -209,7 +210,31 @@ def train(cfg: TrainConfig, shards: ShardSet | str | Path, storage: str | Path,
     result starts no Ray Train run, so they see nothing then.
     """
     shards = ShardSet.of(shards)
+    key = cfg.training_key(shards.hash)
+    if cfg.ensemble > 1:
+        return _train_seed_ensemble(cfg, shards, storage, key, callbacks, reuse, cluster)
     stage1 = ensure_stage1(cfg, shards, storage, reuse, cluster) if cfg.needs_stage1 else None
-    return run_task(cfg.family, cfg, shards, storage, cfg.training_key(shards.hash),
-                    stage1_dir=stage1.path if stage1 else None, callbacks=callbacks, reuse=reuse,
-                    cluster=cluster)
+    return run_task(cfg.family, cfg, shards, storage, key, stage1_dir=stage1.path if stage1 else None,
+                    callbacks=callbacks, reuse=reuse, cluster=cluster)
+
+
+def _train_seed_ensemble(cfg: TrainConfig, shards: ShardSet, storage: str | Path, key: str,
+                         callbacks: list | None, reuse: bool, cluster: Cluster | None) -> TrainResult:
+    """Each member as its seed's plain training (reused when it exists), then their
+    combination (train/seeds.py)."""
+    out = result_folder(storage, cfg.family, key)
+    if reuse and (out / RESULT).exists():
+        result = load_result(out)
+        result.reused = True
+        return result
+    members = []
+    for i, member in enumerate(member_configs(cfg)):
+        log.info("%s: seed-ensemble member %d of %d (seed %d)", cfg.family, i + 1, cfg.ensemble,
+                 member.seed)
+        # per-epoch reports (and ASHA's decisions) follow the first member only: Tune would
+        # read a second member's epoch 1 as the trial's epoch E + 1
+        members.append(train(member, shards, storage, callbacks=callbacks if i == 0 else None,
+                             reuse=reuse, cluster=cluster))
+    with _lock(Path(storage).resolve() / "locks" / f"{out.name}.lock"):
+        write_seed_ensemble(cfg, key, members, JobData.load(shards), out)
+    return load_result(out)

@@ -1,7 +1,7 @@
 """A finished training result as exported: its record (`ResultInfo`), its files, its figures.
 
 An exported result folder holds `result.json` (a `ResultInfo`), `config.yaml`, `fold_<k>.pt`
-(best-epoch weights, loadable with weights_only=True), `oof.parquet` (each training study
+(best-epoch weights, loadable with weights_only=True; a seed ensemble also fold_<k>.m<i>.pt), `oof.parquet` (each training study
 exactly once, predicted by the fold model that did not see it) and, for stage 1,
 `slice_tables.npz`. Everything that reads a result reads it through `load_result`.
 """
@@ -57,6 +57,10 @@ class ResultInfo:
     cv_metric: float                # the CV metric of that epoch
     created: str
     selected_on: str = "metric"     # the fold figure the epoch was chosen on (Task.selected_on)
+    # a seed ensemble (config.ensemble > 1, train/seeds.py): each member's chosen epoch and
+    # result folder; its history is the members' mean per epoch, best_epoch their median
+    member_epochs: list[int] = field(default_factory=list)
+    members: list[str] = field(default_factory=list)
 
     @property
     def best(self) -> dict[str, Any]:
@@ -65,8 +69,22 @@ class ResultInfo:
 
     @property
     def last(self) -> dict[str, Any]:
-        """The report of the last epoch: a figure not chosen on the validation folds."""
+        """The report of the last epoch: a figure not chosen on the validation folds (a seed
+        ensemble's: its members' mean)."""
         return self.history[-1]
+
+    def how_chosen(self) -> str:
+        """How the fold weights' epoch was chosen and what nothing chose, in words."""
+        last = self.history[-1]
+        if self.member_epochs:
+            seeds = f"seeds {self.config.seed}..{self.config.seed + len(self.member_epochs) - 1}"
+            return (f"a seed ensemble of {len(self.member_epochs)} ({seeds}), each member at the "
+                    f"epoch of its best cv_{self.selected_on} on these same {self.n_folds} folds "
+                    f"(epochs {self.member_epochs} of {last['epoch']}); the members' mean "
+                    f"last-epoch CV metric: {last['cv_metric']:.4f}")
+        return (f"epoch {self.best_epoch} of {last['epoch']}, the epoch of the best "
+                f"cv_{self.selected_on} on these same {self.n_folds} folds; the last epoch's CV "
+                f"metric: {last['cv_metric']:.4f}")
 
 
 def torch_load(path: Path) -> dict:
@@ -97,9 +115,19 @@ class TrainResult:
         """Raw out-of-fold study predictions: study_uid, fold, C1..C7 (+ patient_model)."""
         return pd.read_parquet(self.path / "oof.parquet")
 
-    def fold_weights(self, fold: int) -> dict:
-        """Best-epoch state dict of one fold model."""
-        return torch_load(self.path / f"fold_{fold}.pt")["model"]
+    @property
+    def n_members(self) -> int:
+        """Models per fold: the seeds of a seed ensemble, else 1."""
+        return self.info.config.ensemble
+
+    def fold_weights(self, fold: int, member: int = 0) -> dict:
+        """Best-epoch state dict of one fold model (of one member of a seed ensemble)."""
+        return torch_load(self.path / weights_file(fold, member))["model"]
+
+
+def weights_file(fold: int, member: int = 0) -> str:
+    """fold_<k>.pt; a seed ensemble's further members fold_<k>.m<i>.pt."""
+    return f"fold_{fold}.pt" if member == 0 else f"fold_{fold}.m{member}.pt"
 
 
 def write_info(info: ResultInfo, path: Path) -> None:
@@ -137,7 +165,13 @@ def evaluate_result(result: TrainResult, shards: ShardSet | str | Path,
     data = JobData.load(shards)
     oof = result.oof().set_index("study_uid")
     wide = calibrated_oof(result, data, oof) if calibrate else to_targets(oof, top_n)
-    per_fold = {int(k): score_targets(wide.loc[part.index], data) for k, part in oof.groupby("fold")}
+    return oof_figures(wide, oof["fold"], data)
+
+
+def oof_figures(wide: pd.DataFrame, folds: pd.Series, data: JobData) -> dict[str, float]:
+    """The per-fold, CV and pooled figures of 8-column out-of-fold predictions (index
+    study_uid; `folds`: each study's fold, same index)."""
+    per_fold = {int(k): score_targets(wide.loc[part.index], data) for k, part in folds.groupby(folds)}
     return {**summarize_folds(per_fold),
             **{f"oof_{k}": v for k, v in evaluate(data.label_frame(wide.index), wide).items()}}
 
