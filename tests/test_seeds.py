@@ -13,7 +13,7 @@ import torch
 from cspine_ray import VERTEBRAE
 from cspine_ray.train.config import TrainConfig
 from cspine_ray.train.result import (ModelSpec, ResultInfo, TrainResult, load_result,
-                                     weights_file, write_info)
+                                     weights_file, write_info, writing_result)
 from cspine_ray.train.seeds import mean_history, mean_oof, write_seed_ensemble
 from cspine_ray.train.tasks.base import JobData
 
@@ -65,6 +65,21 @@ def test_members_that_predicted_other_folds_are_refused(tmp_path):
     b = member(tmp_path, "b", 43, [0.1] * 4, epochs(0.6), folds=[1, 0, 0, 1])
     with pytest.raises(ValueError, match="other studies or folds"):
         mean_oof([a, b])
+
+
+def test_a_result_is_replaced_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "result"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(ValueError, match="fails half-way"):
+        with writing_result(out) as tmp:
+            (tmp / "new.txt").write_text("half")
+            raise ValueError("fails half-way")
+    assert [p.name for p in tmp_path.iterdir()] == ["result"]  # no temporary folder left behind
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    with writing_result(out) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in out.iterdir()] == ["new.txt"]  # the old result is gone, not merged
 
 
 def test_the_ensemble_folder_holds_every_members_fold_models_linked(tmp_path):

@@ -17,7 +17,6 @@ import fcntl
 import logging
 import shutil
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,7 @@ from cspine_ray.train.config import TrainConfig
 from cspine_ray.train.loop import JobSpec, fold_file, train_loop_per_worker
 from cspine_ray.train.placement import Cluster, FoldLayout, current_cluster, fold_layout
 from cspine_ray.train.result import (RESULT, ModelSpec, ResultInfo, TrainResult, load_result,
-                                     torch_load, weights_file, write_info)
+                                     torch_load, weights_file, write_info, writing_result)
 from cspine_ray.train.seeds import member_configs, write_seed_ensemble
 from cspine_ray.train.tasks import JobData, make_task
 from cspine_ray.train.tasks.base import SLICE_TABLES, save_slice_tables
@@ -111,9 +110,7 @@ def job_layout(cfg: TrainConfig, n_folds: int, cluster: Cluster | None = None) -
 
 def _export(checkpoint, out: Path, info: ResultInfo) -> None:
     """Copy the best-epoch fold weights and OOF predictions out of a checkpoint, atomically."""
-    tmp = out.with_name(f".tmp-{out.name}.{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
-    try:
+    with writing_result(out) as tmp:
         with checkpoint.as_directory() as folder:
             folder = Path(folder)
             oofs, tables = [], {}
@@ -136,12 +133,6 @@ def _export(checkpoint, out: Path, info: ResultInfo) -> None:
         info.created = time.strftime("%Y-%m-%dT%H:%M:%S")
         (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(info.config), sort_keys=False))
         write_info(info, tmp / RESULT)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def result_folder(storage: str | Path, task_name: str, key: str) -> Path:

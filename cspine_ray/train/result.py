@@ -8,8 +8,11 @@ exactly once, predicted by the fold model that did not see it) and, for stage 1,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import shutil
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,22 @@ from cspine_ray.train.tasks.base import (SLICE_TABLES, JobData, load_slice_table
                                          to_targets)
 
 RESULT = "result.json"
+
+
+@contextlib.contextmanager
+def writing_result(out: Path):
+    """A fresh folder beside `out` to write a result into: it becomes `out` (replacing an older
+    one) when the block finishes and is removed when it fails, so `out` is whole or absent."""
+    tmp = out.with_name(f".tmp-{out.name}.{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 @dataclass

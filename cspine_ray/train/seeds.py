@@ -25,7 +25,6 @@ import dataclasses
 import os
 import shutil
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,7 @@ import yaml
 from cspine_ray.config import to_dict
 from cspine_ray.train.config import TrainConfig
 from cspine_ray.train.result import (RESULT, ResultInfo, TrainResult, load_result, oof_figures,
-                                     weights_file, write_info)
+                                     weights_file, write_info, writing_result)
 from cspine_ray.train.tasks.base import (SLICE_TABLES, JobData, load_slice_tables,
                                          save_slice_tables, to_targets)
 
@@ -110,9 +109,7 @@ def _members_info(members: list[TrainResult], config: TrainConfig, **changes) ->
 def write_seed_ensemble(cfg: TrainConfig, key: str, members: list[TrainResult], data: JobData,
                         out: Path) -> None:
     """Combine finished member results (and their stage 1s) into `out`, atomically."""
-    tmp = out.with_name(f".tmp-{out.name}.{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
-    try:
+    with writing_result(out) as tmp:
         stage1_dir = None
         if cfg.needs_stage1:
             stages = [load_result(m.info.stage1_dir) for m in members]
@@ -130,9 +127,3 @@ def write_seed_ensemble(cfg: TrainConfig, key: str, members: list[TrainResult], 
         info = _members_info(members, cfg, key=key, cv_metric=figures["cv_metric"],
                              stage1_dir=stage1_dir)
         _combine(members, tmp, info, oof)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
