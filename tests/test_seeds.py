@@ -12,7 +12,7 @@ import torch
 
 from cspine_ray import VERTEBRAE
 from cspine_ray.train.config import TrainConfig
-from cspine_ray.train.result import (ModelSpec, ResultInfo, TrainResult, load_result,
+from cspine_ray.train.result import (LAST_OOF, ModelSpec, ResultInfo, TrainResult, load_result,
                                      weights_file, write_info, writing_result)
 from cspine_ray.train.seeds import mean_history, mean_oof, write_seed_ensemble
 from cspine_ray.train.tasks.base import JobData
@@ -99,7 +99,8 @@ def test_the_ensemble_folder_holds_every_members_fold_models_linked(tmp_path):
     ens = load_result(tmp_path / "ens")
     assert ens.n_members == 2 and ens.info.members == ["a", "b"]
     assert ens.info.member_epochs == [2, 1] and ens.info.best_epoch == 1  # median of 2 and 1
-    assert ens.info.last["cv_metric"] == pytest.approx(0.6)  # the members' mean last epoch
+    # members that kept no last-epoch predictions: the members' mean report of the last epoch
+    assert ens.info.last["cv_metric"] == pytest.approx(0.6) and not (ens.path / LAST_OOF).exists()
     assert ens.fold_weights(1, 0)["w"].tolist() == [421.0, 421.0]
     assert ens.fold_weights(0, 1)["w"].tolist() == [430.0, 430.0]
     assert (ens.path / "fold_1.m1.pt").stat().st_ino == (b.path / "fold_1.pt").stat().st_ino
@@ -114,3 +115,30 @@ def test_the_ensemble_folder_holds_every_members_fold_models_linked(tmp_path):
     assert ens.info.cv_metric == pytest.approx(sum(per_fold) / 2)
     assert "seed ensemble of 2 (seeds 42..43)" in ens.info.how_chosen()
     assert math.isfinite(ens.info.cv_metric)
+
+
+def test_the_ensembles_unselected_figure_is_that_of_its_averaged_last_epoch(tmp_path):
+    a = member(tmp_path, "a", 42, [0.1, 0.2, 0.3, 0.4], epochs(0.6, 0.5))
+    b = member(tmp_path, "b", 43, [0.3, 0.0, 0.5, 0.8], epochs(0.4, 0.7))
+    # last epoch: a scores 0.9 / 0.1 and b 0.7 / 0.3 on the true / false labels; the mean, 0.8 /
+    # 0.2, puts probability 0.8 on every true answer, so any weighting of the log loss gives
+    # -ln(0.8) in each fold (the members alone: -ln(0.9) and -ln(0.7), mean 0.231)
+    labels = pd.DataFrame({v: [1, 0, 0, 1] for v in [*VERTEBRAE, "patient_overall"]}, index=UIDS)
+    for m, hit in ((a, 0.9), (b, 0.7)):
+        scores = [hit, 1 - hit, 1 - hit, hit]
+        last = pd.DataFrame({"study_uid": UIDS, **{v: scores for v in VERTEBRAE},
+                             "patient_model": scores, "fold": FOLDS})
+        last.iloc[::-1].to_parquet(m.path / LAST_OOF, index=False)
+        oof = m.oof()
+        oof["patient_model"] = oof["C1"]
+        oof.to_parquet(m.path / "oof.parquet", index=False)
+    data = JobData(shards_dir="s", uids=UIDS, folds=dict(zip(UIDS, FOLDS)), segmented=set(),
+                   labels={u: labels.loc[u].to_numpy(np.float32) for u in UIDS})
+    write_seed_ensemble(TrainConfig(family="cnn3d", seed=42, ensemble=2), "ens", [a, b], data,
+                        tmp_path / "ens")
+    ens = load_result(tmp_path / "ens")
+    assert ens.info.last["epoch"] == 2
+    assert ens.info.last["cv_metric"] == pytest.approx(-math.log(0.8), rel=1e-6)
+    assert ens.info.history[-1]["cv_metric"] == pytest.approx(0.6)  # the members' own reports
+    assert ens.oof_last().set_index("study_uid").loc["1.2.3", "C4"] == pytest.approx(0.8)
+    assert "the ensemble's last-epoch CV metric: 0.2231" in ens.info.how_chosen()

@@ -20,8 +20,9 @@ from cspine_ray.datasets import ShardStore
 from cspine_ray.predict.ensemble import load_fold_models
 from cspine_ray.train.config import TrainConfig, build_config
 from cspine_ray.train.job import ensure_stage1, train
-from cspine_ray.train.result import evaluate_result, load_result, torch_load
+from cspine_ray.train.result import evaluate_result, load_result, oof_figures, torch_load
 from cspine_ray.train.tasks import JobData, make_task
+from cspine_ray.train.tasks.base import to_targets
 
 pytestmark = pytest.mark.slow
 
@@ -72,6 +73,13 @@ def test_family_trains_on_fold_workers_and_exports(family, tiny_shards, storage,
 
     figures = evaluate_result(result, tiny_shards, cfg.effective_top_n)
     assert np.isfinite(figures["oof_metric"]) and np.isfinite(figures["cv_metric"])
+    # the last epoch's predictions are kept too: scored offline they give the CV metric the
+    # workers reported for that epoch (the figure nothing chose)
+    last = result.oof_last().set_index("study_uid")
+    assert sorted(last.index) == sorted(data.uids) and (last["fold"] == pd.Series(data.folds)).all()
+    offline = oof_figures(to_targets(last, cfg.effective_top_n), last["fold"], data)
+    assert offline["cv_metric"] == pytest.approx(history[-1]["cv_metric"], rel=1e-6)
+    assert result.info.last == history[-1]
     if family == "cnn3d":
         assert "patient_model" in oof.columns and cfg.effective_top_n is None
 
@@ -250,7 +258,7 @@ def test_the_one_pass_ensemble_is_the_mean_of_its_fold_models(family, tiny_shard
     """Ensemble.predict runs each batch through every fold model; the same figures must come
     out of the plain loop: each fold model alone over the data, then the mean by hand."""
     from cspine_ray.predict.ensemble import Ensemble
-    from cspine_ray.train.tasks.base import Studies, to_targets
+    from cspine_ray.train.tasks.base import Studies
 
     cfg = tiny(family)
     result = train(cfg, tiny_shards, storage)  # reused from the export test when it ran
@@ -378,8 +386,17 @@ def test_a_seed_ensemble_is_the_mean_of_the_plain_runs_of_its_seeds(tiny_shards,
     other = train(tiny("two_stage", seed=43), tiny_shards, storage)
     assert other.reused and ens.info.members == [single.path.name, other.path.name]
     assert ens.info.member_epochs == [single.info.best_epoch, other.info.best_epoch]
-    assert ens.info.last["cv_metric"] == pytest.approx(
-        (single.info.last["cv_metric"] + other.info.last["cv_metric"]) / 2)
+    # its unselected figure is its own: the last-epoch predictions of both seeds averaged, each
+    # fold scored alone by the competition metric
+    from cspine_ray.metric import evaluate
+
+    data = JobData.load(tiny_shards)
+    la, lb = (r.oof_last().set_index("study_uid").sort_index() for r in (single, other))
+    mean_last = to_targets((la + lb)[list(VERTEBRAE)] / 2, ens.config.effective_top_n)
+    per_fold = [evaluate(data.label_frame(list(part.index)), mean_last.loc[part.index])["metric"]
+                for _, part in la.groupby("fold")]
+    assert ens.info.last["cv_metric"] == pytest.approx(np.mean(per_fold), rel=1e-9)
+    assert ens.info.last["epoch"] == single.info.history[-1]["epoch"]
     a, b = (r.oof().set_index("study_uid").sort_index() for r in (single, other))
     got = ens.oof().set_index("study_uid").sort_index()
     np.testing.assert_allclose(got[list(VERTEBRAE)].to_numpy(),

@@ -29,8 +29,9 @@ from cspine_ray.preprocess.shards import ShardSet
 from cspine_ray.train.config import TrainConfig
 from cspine_ray.train.loop import JobSpec, fold_file, train_loop_per_worker
 from cspine_ray.train.placement import Cluster, FoldLayout, current_cluster, fold_layout
-from cspine_ray.train.result import (RESULT, ModelSpec, ResultInfo, TrainResult, load_result,
-                                     torch_load, weights_file, write_info, writing_result)
+from cspine_ray.train.result import (LAST_OOF, RESULT, ModelSpec, ResultInfo, TrainResult,
+                                     load_result, torch_load, weights_file, write_info,
+                                     writing_result)
 from cspine_ray.train.seeds import member_configs, write_seed_ensemble
 from cspine_ray.train.tasks import JobData, make_task
 from cspine_ray.train.tasks.base import SLICE_TABLES, save_slice_tables
@@ -123,6 +124,10 @@ def _export(checkpoint, out: Path, info: ResultInfo) -> None:
                     with np.load(extra, allow_pickle=False) as z:
                         tables.update({key: z[key] for key in z.files})
             history = torch_load(folder / fold_file(0, "state.pt"))["history"]
+            lasts = [folder / fold_file(k, "last.parquet") for k in range(info.n_folds)]
+            if all(p.exists() for p in lasts):  # not when a fold had no validation studies
+                last_oof = pd.concat([pd.read_parquet(p) for p in lasts], ignore_index=True)
+                last_oof.sort_values("study_uid").to_parquet(tmp / LAST_OOF, index=False)
         oof = pd.concat(oofs, ignore_index=True).sort_values("study_uid")
         oof.to_parquet(tmp / "oof.parquet", index=False)
         if tables:

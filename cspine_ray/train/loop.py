@@ -49,8 +49,8 @@ class JobSpec:
 
 
 def fold_file(fold: int, kind: str) -> str:
-    """Checkpoint file names: fold_<k>.state.pt, .best.pt, .oof.parquet, .tables.npz,
-    .targets.npz."""
+    """Checkpoint file names: fold_<k>.state.pt, .best.pt, .oof.parquet (best epoch),
+    .last.parquet (latest epoch), .tables.npz, .targets.npz."""
     return f"fold_{fold}.{kind}"
 
 
@@ -141,6 +141,9 @@ class FoldRun:
                    folder / fold_file(self.fold, "best.pt"))
         oof = self.best_preds.reset_index(names="study_uid").assign(fold=self.fold)
         oof.to_parquet(folder / fold_file(self.fold, "oof.parquet"), index=False)
+        if self.last_preds is not None:  # the latest epoch's: predictions nothing chose
+            last = self.last_preds.reset_index(names="study_uid").assign(fold=self.fold)
+            last.to_parquet(folder / fold_file(self.fold, "last.parquet"), index=False)
         if extras is not None:
             with open(folder / fold_file(self.fold, "tables.npz"), "wb") as f:
                 np.savez(f, **extras)

@@ -1,8 +1,9 @@
 """A finished training result as exported: its record (`ResultInfo`), its files, its figures.
 
 An exported result folder holds `result.json` (a `ResultInfo`), `config.yaml`, `fold_<k>.pt`
-(best-epoch weights, loadable with weights_only=True; a seed ensemble also fold_<k>.m<i>.pt), `oof.parquet` (each training study
-exactly once, predicted by the fold model that did not see it) and, for stage 1,
+(best-epoch weights, loadable with weights_only=True; a seed ensemble also fold_<k>.m<i>.pt),
+`oof.parquet` (each training study exactly once, predicted by the fold model that did not see
+it), `oof_last.parquet` (the same at the last epoch, which nothing chose) and, for stage 1,
 `slice_tables.npz`. Everything that reads a result reads it through `load_result`.
 """
 
@@ -32,6 +33,7 @@ from cspine_ray.train.tasks.base import (SLICE_TABLES, JobData, load_slice_table
                                          to_targets)
 
 RESULT = "result.json"
+LAST_OOF = "oof_last.parquet"  # the last epoch's out-of-fold predictions
 
 
 @contextlib.contextmanager
@@ -80,6 +82,9 @@ class ResultInfo:
     # result folder; its history is the members' mean per epoch, best_epoch their median
     member_epochs: list[int] = field(default_factory=list)
     members: list[str] = field(default_factory=list)
+    # a seed ensemble's own last-epoch figures (epoch, cv_*, fold_*, oof_*: those of its members'
+    # averaged last-epoch predictions); empty when a member kept none (results before 2026-12-02)
+    last_figures: dict[str, Any] = field(default_factory=dict)
 
     @property
     def best(self) -> dict[str, Any]:
@@ -88,18 +93,19 @@ class ResultInfo:
 
     @property
     def last(self) -> dict[str, Any]:
-        """The report of the last epoch: a figure not chosen on the validation folds (a seed
-        ensemble's: its members' mean)."""
-        return self.history[-1]
+        """The figures of the last epoch, which nothing chose on the validation folds (a seed
+        ensemble's: of its averaged last-epoch predictions, else its members' mean report)."""
+        return self.last_figures or self.history[-1]
 
     def how_chosen(self) -> str:
         """How the fold weights' epoch was chosen and what nothing chose, in words."""
-        last = self.history[-1]
+        last = self.last
         if self.member_epochs:
             seeds = f"seeds {self.config.seed}..{self.config.seed + len(self.member_epochs) - 1}"
+            whose = "the ensemble's" if self.last_figures else "the members' mean"
             return (f"a seed ensemble of {len(self.member_epochs)} ({seeds}), each member at the "
                     f"epoch of its best cv_{self.selected_on} on these same {self.n_folds} folds "
-                    f"(epochs {self.member_epochs} of {last['epoch']}); the members' mean "
+                    f"(epochs {self.member_epochs} of {last['epoch']}); {whose} "
                     f"last-epoch CV metric: {last['cv_metric']:.4f}")
         return (f"epoch {self.best_epoch} of {last['epoch']}, the epoch of the best "
                 f"cv_{self.selected_on} on these same {self.n_folds} folds; the last epoch's CV "
@@ -133,6 +139,11 @@ class TrainResult:
     def oof(self) -> pd.DataFrame:
         """Raw out-of-fold study predictions: study_uid, fold, C1..C7 (+ patient_model)."""
         return pd.read_parquet(self.path / "oof.parquet")
+
+    def oof_last(self) -> pd.DataFrame | None:
+        """The same at the last epoch; None for a result that kept none."""
+        path = self.path / LAST_OOF
+        return pd.read_parquet(path) if path.exists() else None
 
     @property
     def n_members(self) -> int:

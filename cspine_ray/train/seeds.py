@@ -7,6 +7,7 @@ members are combined into one result folder:
 
     <family>-<key>/   fold_<k>.pt, fold_<k>.m<i>.pt  every member's fold models (hard links)
                       oof.parquet   each study's out-of-fold predictions, the members' mean
+                      oof_last.parquet  the same of their last-epoch predictions
                       stage1/       the members' stage-1 fold models and their mean slice tables
 
 Each member predicted a study with the fold model that did not see it, so the mean is out of
@@ -15,8 +16,9 @@ over every member's stage-1 models, then every stage-2 model on them.
 
 Each member is the plain result of its seed (its usual key), so a search that already trained
 seed 43 reuses it, and growing an ensemble from 3 to 5 trains two more. Each member keeps the
-epoch chosen on its own folds; the ensemble's history is the members' mean at each epoch (its
-last epoch: a figure nothing chose), its best_epoch their median.
+epoch chosen on its own folds; the ensemble's history is the members' mean at each epoch, its
+best_epoch their median, and its last-epoch figures (`ResultInfo.last`, which nothing chose)
+those of the averaged last-epoch predictions, so the unselected figure is the ensemble's own.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ import yaml
 
 from cspine_ray.config import to_dict
 from cspine_ray.train.config import TrainConfig
-from cspine_ray.train.result import (RESULT, ResultInfo, TrainResult, load_result, oof_figures,
-                                     weights_file, write_info, writing_result)
+from cspine_ray.train.result import (LAST_OOF, RESULT, ResultInfo, TrainResult, load_result,
+                                     oof_figures, weights_file, write_info, writing_result)
 from cspine_ray.train.tasks.base import (SLICE_TABLES, JobData, load_slice_tables,
                                          save_slice_tables, to_targets)
 
@@ -44,9 +46,13 @@ def member_configs(cfg: TrainConfig) -> list[TrainConfig]:
     return [dataclasses.replace(cfg, seed=cfg.seed + i, ensemble=1) for i in range(cfg.ensemble)]
 
 
-def mean_oof(members: list[TrainResult]) -> pd.DataFrame:
-    """The members' out-of-fold predictions averaged per study (same studies, same folds)."""
-    frames = [m.oof().sort_values("study_uid").reset_index(drop=True) for m in members]
+def mean_oof(members: list[TrainResult], last: bool = False) -> pd.DataFrame | None:
+    """The members' out-of-fold predictions averaged per study (same studies, same folds);
+    `last`: their last-epoch predictions, None when a member kept none."""
+    frames = [m.oof_last() if last else m.oof() for m in members]
+    if any(f is None for f in frames):
+        return None
+    frames = [f.sort_values("study_uid").reset_index(drop=True) for f in frames]
     first = frames[0]
     for member, frame in zip(members[1:], frames[1:]):
         if not (frame["study_uid"].equals(first["study_uid"]) and frame["fold"].equals(first["fold"])):
@@ -106,6 +112,11 @@ def _members_info(members: list[TrainResult], config: TrainConfig, **changes) ->
         member_epochs=epochs, members=[m.path.name for m in members], **changes)
 
 
+def _figures(cfg: TrainConfig, oof: pd.DataFrame, data: JobData) -> dict[str, float]:
+    indexed = oof.set_index("study_uid")
+    return oof_figures(to_targets(indexed, cfg.effective_top_n), indexed["fold"], data)
+
+
 def write_seed_ensemble(cfg: TrainConfig, key: str, members: list[TrainResult], data: JobData,
                         out: Path) -> None:
     """Combine finished member results (and their stage 1s) into `out`, atomically."""
@@ -121,9 +132,11 @@ def write_seed_ensemble(cfg: TrainConfig, key: str, members: list[TrainResult], 
             _combine(stages, tmp / "stage1", info, mean_oof(stages))
             save_slice_tables(mean_slice_tables(stages), tmp / "stage1" / SLICE_TABLES)
             stage1_dir = str(out / "stage1")  # where it will be once tmp is renamed
-        oof = mean_oof(members)
-        indexed = oof.set_index("study_uid")
-        figures = oof_figures(to_targets(indexed, cfg.effective_top_n), indexed["fold"], data)
-        info = _members_info(members, cfg, key=key, cv_metric=figures["cv_metric"],
+        oof, last_oof = mean_oof(members), mean_oof(members, last=True)
+        info = _members_info(members, cfg, key=key, cv_metric=_figures(cfg, oof, data)["cv_metric"],
                              stage1_dir=stage1_dir)
+        if last_oof is not None:  # what the ensemble scores at the epoch nothing chose
+            last_oof.to_parquet(tmp / LAST_OOF, index=False)
+            info.last_figures = {"epoch": info.history[-1]["epoch"],
+                                 **_figures(cfg, last_oof, data)}
         _combine(members, tmp, info, oof)
