@@ -165,8 +165,8 @@ def test_a_promoted_model_loads_without_the_pretrained_file(donors, tmp_path):
     kwargs = {"backbone": NAME, "pretrained": True, "weights": str(tmp_path / "gone")}
     trained = create_model("slice_classifier", **{**kwargs, "weights": folder})
     spec = SimpleNamespace(name="slice_classifier", kwargs=kwargs)  # the file has gone since
-    result = SimpleNamespace(info=SimpleNamespace(model=spec), n_folds=1,
-                             fold_weights=lambda fold: trained.state_dict())
+    result = SimpleNamespace(info=SimpleNamespace(model=spec), n_folds=1, n_members=1,
+                             fold_weights=lambda fold, member=0: trained.state_dict())
     (model,) = load_fold_models(result, torch.device("cpu"))
     assert torch.equal(model.backbone.conv_stem.weight, trained.backbone.conv_stem.weight)
 
