@@ -142,3 +142,17 @@ def test_the_ensembles_unselected_figure_is_that_of_its_averaged_last_epoch(tmp_
     assert ens.info.history[-1]["cv_metric"] == pytest.approx(0.6)  # the members' own reports
     assert ens.oof_last().set_index("study_uid").loc["1.2.3", "C4"] == pytest.approx(0.8)
     assert "the ensemble's last-epoch CV metric: 0.2231" in ens.info.how_chosen()
+
+
+def test_the_train_cli_takes_an_ensemble_size():
+    import argparse
+
+    from cspine_ray.config import ConfigError
+    from cspine_ray.train import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    assert cli.config_from_args(parser.parse_args(["--shards", "s", "--ensemble", "3"])).ensemble == 3
+    assert cli.config_from_args(parser.parse_args(["--shards", "s"])).ensemble == 1
+    with pytest.raises((ConfigError, ValueError), match="ensemble must be"):
+        cli.config_from_args(parser.parse_args(["--shards", "s", "--ensemble", "0"]))

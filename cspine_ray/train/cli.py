@@ -16,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where checkpoints and results go (shared storage on a cluster)")
     parser.add_argument("--family", help="override the config's family")
     parser.add_argument("--epochs", type=int, help="override optim.epochs")
+    parser.add_argument("--ensemble", type=int, metavar="K",
+                        help="a seed ensemble of K (seeds seed..seed+K-1, both stages; "
+                             "K times the training)")
     parser.add_argument("--num-workers", type=int,
                         help="Ray Train workers (default: as many folds at once as the cluster "
                              "holds; 0 = in-process)")
@@ -35,6 +38,7 @@ def config_from_args(args: argparse.Namespace):
     from cspine_ray.train.config import build_config
 
     overrides = {"family": args.family or None, "optim.epochs": args.epochs,
+                 "ensemble": args.ensemble,
                  "resources.num_workers": args.num_workers,
                  "resources.gpus": args.gpus,
                  "pretrained": args.pretrained or None,

@@ -140,6 +140,16 @@ def _export(checkpoint, out: Path, info: ResultInfo) -> None:
         write_info(info, tmp / RESULT)
 
 
+def _finished(out: Path, task_name: str) -> TrainResult | None:
+    """The finished result in `out`, marked reused; None when there is none."""
+    if not (out / RESULT).exists():
+        return None
+    log.info("%s: reusing the finished result %s", task_name, out)
+    result = load_result(out)
+    result.reused = True
+    return result
+
+
 def result_folder(storage: str | Path, task_name: str, key: str) -> Path:
     """Where the finished result of `task_name` under `key` lives."""
     storage = Path(storage).resolve()
@@ -160,11 +170,8 @@ def run_task(task_name: str, cfg: TrainConfig, shards: ShardSet | str | Path, st
     with _lock(storage / "locks" / f"{out.name}.lock"):
         if not reuse:  # train again from scratch: not from an earlier run's checkpoints either
             shutil.rmtree(storage / "ray" / run_name, ignore_errors=True)
-        elif (out / RESULT).exists():
-            log.info("%s: reusing the finished result %s", task_name, out)
-            result = load_result(out)
-            result.reused = True
-            return result
+        elif (finished := _finished(out, task_name)) is not None:
+            return finished
         data = JobData.load(shards)
         if data.n_folds < 2:
             raise ValueError(f"{shards.root}: training needs at least 2 folds of usable studies")
@@ -219,10 +226,8 @@ def _train_seed_ensemble(cfg: TrainConfig, shards: ShardSet, storage: str | Path
     """Each member as its seed's plain training (reused when it exists), then their
     combination (train/seeds.py)."""
     out = result_folder(storage, cfg.family, key)
-    if reuse and (out / RESULT).exists():
-        result = load_result(out)
-        result.reused = True
-        return result
+    if reuse and (finished := _finished(out, cfg.family)) is not None:
+        return finished
     members = []
     for i, member in enumerate(member_configs(cfg)):
         log.info("%s: seed-ensemble member %d of %d (seed %d)", cfg.family, i + 1, cfg.ensemble,
@@ -232,5 +237,7 @@ def _train_seed_ensemble(cfg: TrainConfig, shards: ShardSet, storage: str | Path
         members.append(train(member, shards, storage, callbacks=callbacks if i == 0 else None,
                              reuse=reuse, cluster=cluster))
     with _lock(Path(storage).resolve() / "locks" / f"{out.name}.lock"):
-        write_seed_ensemble(cfg, key, members, JobData.load(shards), out)
+        # another trial may have combined the same members while these were reused
+        if not (reuse and (out / RESULT).exists()):
+            write_seed_ensemble(cfg, key, members, JobData.load(shards), out)
     return load_result(out)
