@@ -26,7 +26,7 @@ from cspine_ray.datasets import (
     study_crop_box,
     study_labels,
 )
-from cspine_ray.datasets.sequences import box_to_pixels, step_targets
+from cspine_ray.datasets.sequences import box_to_pixels, choose_steps, step_targets
 from cspine_ray.datasets.volumes import read_cube
 from cspine_ray.io.errors import StudyError
 from cspine_ray.preprocess.shards import commit, new_tmp_dir
@@ -473,6 +473,90 @@ def test_sequence_step_labels_come_from_the_shards_fracture_boxes(tmp_path, shar
                                                        length=2, crop_size=16)[0]
 
 
+# --- neighbour steps -------------------------------------------------------------------------
+
+def test_neighbour_steps_are_a_centre_and_its_true_neighbours():
+    # C3 passes on slices 10..19: 4 centres spread over them (positions 0, 3, 6, 9)
+    idx, mask, found = choose_steps(table_with(2, [1.0] * 10, 10), 2, length=4, smooth=1,
+                                    layout="neighbours")
+    assert found and mask.tolist() == [True] * 4 and idx.dtype == np.int64
+    assert idx.reshape(4, 3).tolist() == [[9, 10, 11], [12, 13, 14], [15, 16, 17], [18, 19, 20]]
+    # the thesis layout on the same table: consecutive groups of its 12 spread slices
+    spread_idx, spread_mask, _ = choose_steps(table_with(2, [1.0] * 10, 10), 2, length=4, smooth=1)
+    assert spread_mask.all()
+    assert spread_idx.tolist() == choose_slices(table_with(2, [1.0] * 10, 10), 2, 4, smooth=1)[0].tolist()
+    # offset 2, five slices a step
+    idx, mask, _ = choose_steps(table_with(2, [1.0] * 10, 10), 2, length=2, smooth=1, per_step=5,
+                                layout="neighbours", offset=2)
+    assert idx.reshape(2, 5).tolist() == [[6, 8, 10, 12, 14], [15, 17, 19, 21, 23]]
+
+
+def test_a_short_vertebra_gets_fewer_real_steps_padded_at_the_end():
+    # two passing slices for four steps: two real steps, then two copies of the last (masked)
+    idx, mask, found = choose_steps(table_with(0, [1.0] * 2, 20), 0, length=4, smooth=1,
+                                    layout="neighbours")
+    assert found and mask.tolist() == [True, True, False, False]
+    assert idx.reshape(4, 3).tolist() == [[19, 20, 21], [20, 21, 22], [20, 21, 22], [20, 21, 22]]
+    # one passing slice: one real step
+    idx, mask, _ = choose_steps(table_with(0, [1.0], 20), 0, length=3, smooth=1, layout="neighbours")
+    assert mask.tolist() == [True, False, False] and idx[:3].tolist() == [19, 20, 21]
+
+
+def test_neighbour_steps_stay_inside_the_study_without_repeating_a_slice():
+    # C1 passes on slices 0..5 of 40: centres 0 and 5 move inward so that z - 4 >= 0
+    idx, mask, _ = choose_steps(table_with(0, [1.0] * 6, 0), 0, length=2, smooth=1, per_step=5,
+                                layout="neighbours", offset=2)
+    assert mask.all() and idx.reshape(2, 5).tolist() == [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]
+    # C7 at the study's end
+    idx, _, _ = choose_steps(table_with(6, [1.0] * 3, 37), 6, length=3, smooth=1,
+                             layout="neighbours")
+    assert idx.reshape(3, 3).tolist() == [[36, 37, 38], [37, 38, 39], [37, 38, 39]]
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n, k, offset, length = int(rng.integers(16, 60)), int(rng.choice([1, 3, 5])), \
+            int(rng.integers(1, 3)), int(rng.integers(1, 9))
+        table = np.zeros((n, 7), np.float32)
+        start, size = int(rng.integers(0, n)), int(rng.integers(1, 15))
+        table[start:start + size, 3] = 1.0
+        idx, mask, _ = choose_steps(table, 3, length, smooth=1, per_step=k, layout="neighbours",
+                                    offset=offset)
+        steps = idx.reshape(length, k)
+        assert ((steps >= 0) & (steps < n)).all()
+        assert (np.diff(steps, axis=1) == offset).all()           # true neighbours, never repeated
+        real = steps[mask, k // 2]
+        assert (np.diff(real) > 0).all()                           # distinct centres, ascending
+        assert mask.tolist() == sorted(mask.tolist(), reverse=True)  # padding last
+        assert mask.sum() == min(length, len(np.unique(np.clip(
+            np.arange(start, min(start + size, n)), (k // 2) * offset, n - 1 - (k // 2) * offset))))
+    with pytest.raises(ValueError, match="layout"):
+        choose_steps(table, 3, 2, layout="neighbors")
+    with pytest.raises(ValueError, match="offset"):
+        choose_steps(table, 3, 2, layout="neighbours", offset=0)
+
+
+def test_neighbour_sequence_samples_read_the_neighbour_slices(shards):
+    # study A (A_CHOSEN above): C1 passes on 2..5, C2 on 5..7
+    tables = shard_slice_tables(shards, [A])
+    ds = VertebraSequenceDataset(shards, [(A, 0), (A, 1)], tables, LABELS, length=4,
+                                 crop_size=24, layout="neighbours")
+    c1, c2 = ds[0], ds[1]
+    expected = {0: [[1, 2, 3], [2, 3, 4], [3, 4, 5], [4, 5, 6]],
+                1: [[4, 5, 6], [5, 6, 7], [6, 7, 8], [6, 7, 8]]}
+    for s, v in ((c1, 0), (c2, 1)):
+        assert s["indices"].reshape(4, 3).tolist() == expected[v]
+        for step in range(4):
+            for c, z in enumerate(expected[v][step]):  # each channel is its own slice
+                torch.testing.assert_close(s["image"][step, c], torch.full((24, 24), bone(z)))
+        # the ratio input is the centre slice's
+        assert s["ratio"].shape == (4,)
+    assert c1["step_mask"].tolist() == [True] * 4 and c2["step_mask"].tolist() == [True] * 3 + [False]
+    assert ds[0]["step_mask"].dtype == torch.bool
+    spread = VertebraSequenceDataset(shards, [(A, 1)], tables, LABELS, length=4, crop_size=24)[0]
+    assert spread["step_mask"].all() and spread["indices"].tolist() == A_CHOSEN[1]
+    with pytest.raises(ValueError, match="layout"):
+        VertebraSequenceDataset(shards, [(A, 1)], tables, LABELS, layout="spreads")
+
+
 def test_sequence_fallback_for_an_unseen_vertebra(shards):
     table = np.zeros((20, 11), np.float32)
     table[:, 7:] = np.nan
@@ -594,12 +678,66 @@ def test_augment_is_deterministic_with_a_seeded_generator():
     assert not torch.equal(a[0], c[0])
 
 
+def test_crack_keeping_moves_are_exact_whole_pixel_moves():
+    x, box = rect_images(3, h=32, w=32)
+    out, moved = augment_batch(x, AugmentConfig(**ONLY | {"vflip_p": 1.0}), boxes=box)
+    assert torch.equal(out, x.flip(-2))
+    torch.testing.assert_close(moved[0], torch.tensor([5 / 32, 1 - 16 / 32, 15 / 32, 1 - 8 / 32]))
+    torch.testing.assert_close(moved[0], bright_box(out[0, 0], 32, 32))
+    out, moved = augment_batch(x, AugmentConfig(**ONLY | {"transpose_p": 1.0}), boxes=box)
+    assert torch.equal(out, x.transpose(-1, -2))
+    torch.testing.assert_close(moved[0], torch.tensor([8 / 32, 5 / 32, 16 / 32, 15 / 32]))
+    with pytest.raises(ValueError, match="square"):
+        augment_batch(torch.rand(2, 1, 16, 20), AugmentConfig(transpose_p=0.5))
+    # a one-pixel crack: shifted by whole pixels it keeps every pixel, exactly
+    crack = torch.zeros(6, 2, 3, 24, 24)
+    crack[:, :, :, 5:19, 11] = 1.0
+    cfg = AugmentConfig(**ONLY | {"affine_p": 1.0, "rotate": 0.0, "scale": 0.0, "shift": 0.2,
+                                  "whole_pixel_shift": True})
+    out = augment_batch(crack, cfg, torch.Generator().manual_seed(0))
+    moved = 0
+    for i in range(6):
+        ys, xs = torch.nonzero(out[i, 0, 0] > 0.5, as_tuple=True)
+        dy, dx = int(ys.min()) - 5, int(xs.min()) - 11
+        expected = torch.roll(crack[i], (dy, dx), dims=(-2, -1))  # nothing reaches an edge here
+        torch.testing.assert_close(out[i], expected, atol=1e-5, rtol=0)
+        moved += (dy, dx) != (0, 0)
+    assert moved >= 4
+    # the thesis's bilinear rotation smears the same crack into a shade
+    rotated = augment_batch(crack, AugmentConfig(**ONLY | {"affine_p": 1.0, "rotate": 15.0,
+                                                           "scale": 0.0, "shift": 0.0}),
+                            torch.Generator().manual_seed(0))
+    assert not ((out > 0.05) & (out < 0.95)).any()
+    assert ((rotated > 0.05) & (rotated < 0.95)).sum() > 6 * 14
+
+
+def test_noise_adds_gaussian_noise_of_the_set_sd_and_leaves_the_thesis_draws_alone():
+    x = torch.full((4, 1, 64, 64), 0.5)
+    out = augment_batch(x, AugmentConfig(**ONLY | {"noise": 0.05, "noise_p": 1.0}),
+                        torch.Generator().manual_seed(0))
+    assert (out - x).std().item() == pytest.approx(0.05, rel=0.05)
+    assert abs((out - x).mean().item()) < 0.005
+    off = augment_batch(x, AugmentConfig(**ONLY | {"noise": 0.05, "noise_p": 0.0}),
+                        torch.Generator().manual_seed(0))
+    assert torch.equal(off, x)
+    # the later options draw after the thesis set: with them off its transforms are unchanged
+    y = torch.rand(5, 2, 20, 20)
+    cfg = dict(brightness_contrast_p=1.0, affine_p=1.0, cutout_p=1.0)
+    plain = augment_batch(y, AugmentConfig(**cfg), torch.Generator().manual_seed(7))
+    with_noise = augment_batch(y, AugmentConfig(**cfg, noise=1e-9, noise_p=1.0),
+                               torch.Generator().manual_seed(7))
+    torch.testing.assert_close(with_noise, plain, atol=1e-6, rtol=0)
+
+
 def test_augment_config_is_checked():
     assert from_dict(AugmentConfig, {"hflip_p": 1.0, "rotate": 10}).rotate == 10.0
     with pytest.raises(ConfigError, match="hflip_p"):
         from_dict(AugmentConfig, {"hflip_p": 1.5})
     with pytest.raises(ConfigError, match="unknown key"):
         from_dict(AugmentConfig, {"flip": 0.5})
+    for bad in ({"vflip_p": -0.1}, {"transpose_p": 2.0}, {"noise_p": 1.5}, {"noise": -0.01}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            from_dict(AugmentConfig, bad)
 
 
 def test_found_vertebrae_are_choose_slices_found_flags():

@@ -73,11 +73,25 @@ def test_a_family_key_moves_only_with_the_sections_that_family_reads():
     for change in ({"sequence.slice_choice": "run"}, {"sequence.per_step": 5},
                    {"sequence.ratio_channel": True}, {"sequence.mask_not_found": True},
                    {"sequence.flip_tta": True}, {"sequence.init_from_stage1": True},
-                   {"sequence.step_loss": 0.5}):
+                   {"sequence.step_loss": 0.5}, {"sequence.steps": "neighbours"}):
         assert keys(cfg("two_stage", **change))[0] != keys(cfg("two_stage"))[0], change
     for family in ("single_head", "multi_head"):
         assert (keys(cfg(family, **{"input.visibility_threshold": 0.5}))[0]
                 != keys(cfg(family))[0])
+
+
+def test_settings_added_later_key_a_result_only_when_they_are_set():
+    # at their defaults they are not in the key (the pinned keys below stay); set, they move it
+    # like any setting the result's training reads: augment is read by stage 1 too
+    for change in ({"augment.vflip_p": 0.5}, {"augment.transpose_p": 0.5},
+                   {"augment.whole_pixel_shift": True}, {"augment.noise": 0.02},
+                   {"augment.noise_p": 1.0}):
+        for family in ("two_stage", "cnn3d"):
+            assert keys(cfg(family, **change))[0] != keys(cfg(family))[0], (family, change)
+        assert keys(cfg("two_stage", **change))[1] != keys(cfg("two_stage"))[1], change
+    steps = cfg("two_stage", **{"sequence.steps": "neighbours"})
+    assert keys(steps)[1] == keys(cfg("two_stage"))[1]  # stage 1 does not read it
+    assert keys(cfg("two_stage", **{"sequence.steps": "spread"})) == keys(cfg("two_stage"))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

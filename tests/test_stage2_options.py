@@ -145,3 +145,81 @@ def test_option_values_are_checked():
         task(per_step=0)
     with pytest.raises(ValueError, match="step_loss"):
         task(step_loss=-1.0)
+
+
+class MaskRecorder(nn.Module):
+    """Like StepRecorder, and keeps the step mask it was given (None when none was)."""
+
+    def __init__(self, logits, steps):
+        super().__init__()
+        self.logits = nn.Parameter(torch.tensor(logits, dtype=torch.float32))
+        self.steps = nn.Parameter(torch.tensor(steps, dtype=torch.float32))
+        self.mask = "never called"
+
+    def forward(self, image, vertebra=None, mask=None, return_steps=False):
+        self.mask = mask
+        zero = 0 * image.mean(dim=(2, 3, 4))
+        return (self.logits + zero.mean(1), self.steps + zero) if return_steps else self.logits
+
+
+def test_neighbour_steps_mask_the_padding_out_of_the_model_and_the_step_loss():
+    logits, steps = [2.0, -1.0, 0.5], [[1.0, -2.0], [0.0, 3.0], [-1.0, 1.0]]
+    b = batch()
+    b["step_mask"] = torch.tensor([[True, True], [True, False], [True, False]])
+    b["step_label"] = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]])
+    b["step_known"] = torch.tensor([True, True, True])
+    g = torch.Generator().manual_seed(0)
+    model = MaskRecorder(logits, steps)
+    loss = task(steps="neighbours", step_loss=0.5).loss(model, b, g)
+    assert torch.equal(model.mask, b["step_mask"])
+    vertebra = (bce(2.0, 1, 2) + bce(-1.0, 0, 1) + bce(0.5, 1, 2)) / 5
+    # the real steps only: sample 0 both (targets 1, 0), samples 1 and 2 their first (0, 0)
+    step = (bce(1.0, 1, 2) + bce(-2.0, 0, 1) + bce(0.0, 0, 1) + bce(-1.0, 0, 1)) / 5
+    assert loss.item() == pytest.approx(vertebra + 0.5 * step, rel=1e-5)
+    task(steps="neighbours")._probabilities(model, b)
+    assert torch.equal(model.mask, b["step_mask"])  # prediction masks them too
+    model = MaskRecorder(logits, steps)
+    task()._probabilities(model, b)
+    assert model.mask is None  # the thesis layout: every step is real, no mask
+
+
+def test_padding_steps_do_not_change_a_real_models_prediction():
+    cfg = build_config({"family": "two_stage", "backbone": "test_efficientnet",
+                        "sequence": {"steps": "neighbours", "length": 4, "hidden": 8,
+                                     "layers": 1}}, {})
+    t = make_task("two_stage", cfg, JobData(shards_dir="", uids=[], folds={}, labels={},
+                                             segmented=set()))
+    torch.manual_seed(0)
+    model = t.build_model().eval()
+    b = {"image": torch.rand(2, 4, 3, 32, 32), "vertebra": torch.tensor([1, 5]),
+         "step_mask": torch.tensor([[True, True, False, False], [True, True, True, True]]),
+         "ratio": torch.ones(2, 4), "found": torch.tensor([True, True])}
+    with torch.no_grad():
+        before = t._probabilities(model, b)
+        b["image"][0, 2:] = torch.rand(2, 3, 32, 32)  # other pixels on sample 0's padding steps
+        after = t._probabilities(model, b)
+        torch.testing.assert_close(after, before)
+        b["image"][1, 3] = torch.rand(3, 32, 32)  # sample 1's last step is real: it counts
+        assert not torch.allclose(t._probabilities(model, b)[1], after[1])
+
+
+def test_the_tasks_dataset_lays_out_the_steps_as_configured():
+    cfg = build_config({"family": "two_stage", "sequence": {"steps": "neighbours"},
+                        "input": {"neighbour_offset": 2}}, {})
+    t = make_task("two_stage", cfg, JobData(shards_dir="", uids=[], folds={}, labels={},
+                                             segmented=set(), slice_tables={}))
+    ds = t.dataset([])
+    assert (ds.layout, ds.offset) == ("neighbours", 2)
+    assert task().dataset([]).layout == "spread"
+
+
+def test_neighbour_steps_need_a_neighbour_offset_and_a_known_layout():
+    from cspine_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="neighbour_offset"):
+        build_config({"family": "two_stage", "sequence": {"steps": "neighbours"},
+                      "input": {"neighbour_offset": 0}}, {})
+    with pytest.raises(ConfigError, match="sequence.steps"):
+        build_config({"family": "two_stage", "sequence": {"steps": "neighbors"}}, {})
+    assert build_config({"family": "two_stage", "sequence": {"steps": "neighbours"}},
+                        {}).sequence.steps == "neighbours"

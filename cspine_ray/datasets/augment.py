@@ -1,13 +1,19 @@
 """Batch augmentation on any device (run it on the GPU after the batch is moved there).
 
-The thesis's set: brightness/contrast, horizontal flip, shift-scale-rotate, cutout. Every
+The thesis's set: brightness/contrast, horizontal flip, shift-scale-rotate, cutout. A crack one
+or two pixels wide does not survive resampling at sub-pixel offsets (a bilinear rotation or zoom
+smears it into a shade), so the crack-keeping set moves pixels only by whole pixels: flips,
+transposes (the 1st place's), shifts rounded to whole pixels (`whole_pixel_shift` with rotate 0
+and scale 0 makes the affine an exact shift), intensity and contrast, and Gaussian noise. Every
 sample of a batch draws its own parameters; a (B, L, C, H, W) vertebra sequence gets one
 draw per sample for all L steps (the steps are folded into channels), so a sequence stays
 spatially consistent. Stage-1 boxes are moved with the image: flip, then the affine, then the
 bounding box of the moved corners, clipped to the image.
 
-All random numbers come from one `torch.rand` call on `generator` (CPU by default), so a
-seeded generator gives the same result on every device. Images are expected in [0, 1].
+All random numbers come from `generator` (CPU by default): one `torch.rand` call for the thesis
+set, then, only when a later option is on, one for those and one `torch.randn` for the noise (so
+the thesis set draws what it always drew). A seeded generator gives the same result on every
+device. Images are expected in [0, 1].
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ class AugmentConfig:
 
     enabled: bool = True
     hflip_p: float = 0.5
+    vflip_p: float = 0.0
+    transpose_p: float = 0.0            # swap rows and columns (square images only)
     brightness: float = 0.2             # additive shift, fraction of the [0, 1] range
     contrast: float = 0.2               # gain 1 +- contrast
     brightness_contrast_p: float = 0.5
@@ -32,15 +40,19 @@ class AugmentConfig:
     scale: float = 0.1                  # zoom 1 +- scale
     rotate: float = 15.0                # degrees
     affine_p: float = 0.5
+    whole_pixel_shift: bool = False     # round the shift to whole pixels
     cutout_holes: int = 1
     cutout_size: float = 0.1            # square side, fraction of the shorter image side
     cutout_p: float = 0.5
+    noise: float = 0.0                  # Gaussian noise sd, fraction of the [0, 1] range
+    noise_p: float = 0.5
 
     def __post_init__(self):
-        for name in ("hflip_p", "brightness_contrast_p", "affine_p", "cutout_p"):
+        for name in ("hflip_p", "vflip_p", "transpose_p", "brightness_contrast_p", "affine_p",
+                     "cutout_p", "noise_p"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        for name in ("brightness", "contrast", "shift", "scale", "rotate", "cutout_size"):
+        for name in ("brightness", "contrast", "shift", "scale", "rotate", "cutout_size", "noise"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.scale >= 1:
@@ -52,6 +64,7 @@ class AugmentConfig:
 # columns of the per-sample uniform draws
 _BC, _BRIGHT, _CONTRAST, _FLIP, _AFFINE, _ANGLE, _SCALE, _TX, _TY, _CUT = range(10)
 _HOLES = 10  # then cutout_holes x-centres, then cutout_holes y-centres
+_VFLIP, _TRANSPOSE, _NOISE = range(3)  # columns of the later options' draws
 
 
 def _symmetric(u: torch.Tensor, limit: float) -> torch.Tensor:
@@ -69,10 +82,15 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generato
         raise ValueError(f"boxes must be ({b}, 4), got {tuple(boxes.shape)}")
     if not cfg.enabled or b == 0:
         return x if boxes is None else (x, boxes)
+    if cfg.transpose_p > 0 and h != w:
+        raise ValueError(f"transpose_p needs square images, got {h} x {w}")
 
     device = generator.device if generator is not None else torch.device("cpu")
     u = torch.rand((b, _HOLES + 2 * cfg.cutout_holes), generator=generator, device=device)
     u = u.to(device=x.device, dtype=torch.float32)
+    v = None
+    if cfg.vflip_p > 0 or cfg.transpose_p > 0 or cfg.noise > 0:
+        v = torch.rand((b, 3), generator=generator, device=device).to(x.device, torch.float32)
     out = x.reshape(b, -1, h, w)  # steps folded into channels: one transform per sample
 
     # brightness / contrast
@@ -88,12 +106,29 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generato
         flipped = torch.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], dim=1)
         boxes = torch.where(flip[:, None].to(boxes.device), flipped, boxes)
 
+    # vertical flip and transpose: whole-pixel moves, so a crack keeps its pixels
+    if cfg.vflip_p > 0:
+        flip = v[:, _VFLIP] < cfg.vflip_p
+        out = torch.where(flip[:, None, None, None], out.flip(-2), out)
+        if boxes is not None:
+            flipped = torch.stack([boxes[:, 0], 1 - boxes[:, 3], boxes[:, 2], 1 - boxes[:, 1]], 1)
+            boxes = torch.where(flip[:, None].to(boxes.device), flipped, boxes)
+    if cfg.transpose_p > 0:
+        swap = v[:, _TRANSPOSE] < cfg.transpose_p
+        out = torch.where(swap[:, None, None, None], out.transpose(-1, -2), out)
+        if boxes is not None:
+            swapped = boxes[:, [1, 0, 3, 2]]
+            boxes = torch.where(swap[:, None].to(boxes.device), swapped, boxes)
+
     # shift-scale-rotate: forward map A u + t in normalised [-1, 1] coordinates
     apply = u[:, _AFFINE] < cfg.affine_p
     if cfg.affine_p > 0:
         angle = _symmetric(u[:, _ANGLE], math.radians(cfg.rotate))
         zoom = 1 + _symmetric(u[:, _SCALE], cfg.scale)
         t = torch.stack([_symmetric(u[:, _TX], cfg.shift), _symmetric(u[:, _TY], cfg.shift)], 1) * 2
+        if cfg.whole_pixel_shift:  # a pixel is 2 / w (2 / h) wide in normalised coordinates
+            pixel = torch.tensor([2.0 / w, 2.0 / h], device=t.device)
+            t = torch.round(t / pixel) * pixel
         cos, sin = torch.cos(angle), torch.sin(angle)
         # rotation in pixel space seen in normalised coordinates (differs from R when H != W)
         forward = torch.stack([torch.stack([cos, -sin * h / w], 1),
@@ -121,6 +156,11 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generato
         holes = (in_y[:, :, :, None] & in_x[:, :, None, :]).any(dim=1)  # (B, H, W)
         holes &= (u[:, _CUT] < cfg.cutout_p)[:, None, None]
         out = out.masked_fill(holes[:, None], 0.0)
+
+    if cfg.noise > 0:
+        noisy = v[:, _NOISE] < cfg.noise_p
+        noise = torch.randn(out.shape, generator=generator, device=device).to(out.device, out.dtype)
+        out = torch.where(noisy[:, None, None, None], (out + cfg.noise * noise).clamp(0.0, 1.0), out)
 
     out = out.reshape(x.shape)
     return out if boxes is None else (out, boxes)

@@ -19,6 +19,14 @@ fallback and found=False, which the model may answer with a prior:
      cervical z-range (slices where any vertebra passes the threshold; the whole study when
      none does).
 
+Step layouts. "spread" (the thesis): the kL picks are consecutive groups of k, so at the usual
+8-10 passing slices a step can be [z, z, z+1] on one vertebra and [z, z+3, z+6] on another: its
+channels mean different things from sample to sample. "neighbours" (the 1st place's): L step
+centres spread over the same passing slices, each step its centre and true neighbours
+(centre + offset * (j - k // 2)), centres moved inward where a neighbour would leave the study;
+a vertebra with fewer distinct centres than L gets fewer real steps, the rest padding at the end
+(masked by the model, never shown as repeated slices).
+
 Per-step fracture targets (`step_targets`): a step shows the fracture of a fractured vertebra
 when one of its slices carries a fracture box of the study (train_bounding_boxes.csv, one box
 per slice); every step of a vertebra labelled not fractured shows none. A fractured vertebra of
@@ -44,6 +52,7 @@ from cspine_ray.io.errors import StudyError
 MIN_PEAK = 0.01  # below this a smoothed ratio is numerical noise, not a trace of the vertebra
 MIN_CROP = 0.05  # smallest crop side (fraction of the image): a collapsed predicted box stays usable
 SLICE_CHOICES = ("spread", "run")
+STEP_LAYOUTS = ("spread", "neighbours")
 
 
 def smooth_ratios(ratio_table: np.ndarray, smooth: int) -> np.ndarray:
@@ -76,24 +85,59 @@ def choose_slices(ratio_table: np.ndarray, vertebra: int, length: int, threshold
                   choice: str = "spread") -> tuple[np.ndarray, bool]:
     """Slices for vertebra `vertebra` (0 = C1 ... 6 = C7) -> (int64 (per_step * length,)
     ascending, found)."""
+    extent, found = vertebra_extent(ratio_table, vertebra, threshold, smooth, choice)
+    if length < 1 or per_step < 1:
+        raise ValueError(f"length and per_step must be at least 1, got {length}, {per_step}")
+    return spread(extent, per_step * length), found
+
+
+def choose_steps(ratio_table: np.ndarray, vertebra: int, length: int, threshold: float = 0.3,
+                 smooth: int = 5, per_step: int = 3, choice: str = "spread",
+                 layout: str = "spread", offset: int = 1) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Slices of the L steps of vertebra `vertebra` in step layout `layout` -> (int64
+    (per_step * length,) step-major, bool (length,) real steps, found). A padding step (mask
+    False, always after the real ones) repeats the last real step's slices."""
+    if layout not in STEP_LAYOUTS:
+        raise ValueError(f"step layout must be one of {STEP_LAYOUTS}, got {layout!r}")
+    if layout == "spread":
+        indices, found = choose_slices(ratio_table, vertebra, length, threshold, smooth, per_step,
+                                       choice)
+        return indices, np.ones(length, bool), found
+    if length < 1 or per_step < 1 or offset < 1:
+        raise ValueError(f"length, per_step and offset must be at least 1, got {length}, "
+                         f"{per_step}, {offset}")
+    extent, found = vertebra_extent(ratio_table, vertebra, threshold, smooth, choice)
+    n = len(ratio_table)
+    half = per_step // 2
+    first, last = half * offset, n - 1 - (per_step - 1 - half) * offset
+    if first <= last:  # else the study is shorter than one step: neighbours are clipped below
+        extent = np.unique(np.clip(extent, first, last))
+    centres = np.unique(spread(extent, length))
+    real = len(centres)
+    centres = np.concatenate([centres, np.full(length - real, centres[-1])])
+    steps = centres[:, None] + offset * (np.arange(per_step) - half)[None, :]
+    return np.clip(steps, 0, n - 1).reshape(-1), np.arange(length) < real, found
+
+
+def vertebra_extent(ratio_table: np.ndarray, vertebra: int, threshold: float = 0.3,
+                    smooth: int = 5, choice: str = "spread") -> tuple[np.ndarray, bool]:
+    """The slices that show vertebra `vertebra`, ascending (its passing slices, or with
+    choice="run" the passing run around its peak; the fallback where none pass) -> (int64, found)."""
     ratio_table = np.asarray(ratio_table)
     if ratio_table.ndim != 2 or ratio_table.shape[1] != N_VERTEBRAE or len(ratio_table) == 0:
         raise ValueError(f"ratio table must be (z > 0, {N_VERTEBRAE}), got {ratio_table.shape}")
     if not 0 <= vertebra < N_VERTEBRAE:
         raise ValueError(f"vertebra must be 0..{N_VERTEBRAE - 1}, got {vertebra}")
-    if length < 1 or per_step < 1:
-        raise ValueError(f"length and per_step must be at least 1, got {length}, {per_step}")
     if choice not in SLICE_CHOICES:
         raise ValueError(f"slice choice must be one of {SLICE_CHOICES}, got {choice!r}")
     smoothed = smooth_ratios(ratio_table, smooth)
-    count = per_step * length
     column = smoothed[:, vertebra]
     passing = np.flatnonzero(column > threshold)
     if len(passing) and choice == "run":
         passing = _run_around(column > threshold, int(passing[np.argmax(column[passing])]))
     if len(passing):
-        return spread(passing, count), True
-    return spread(_fallback_slices(smoothed, vertebra, threshold), count), False
+        return passing.astype(np.int64), True
+    return _fallback_slices(smoothed, vertebra, threshold).astype(np.int64), False
 
 
 def _run_around(keep: np.ndarray, z: int) -> np.ndarray:
@@ -195,12 +239,15 @@ class VertebraSequenceDataset(Dataset):
         step_label float32 (L,) and step_known bool: `step_targets` from the shard's fracture
                   boxes (only when labels are given)
         found     bool, False when the fallback chose the slices
-        indices   int64 (kL,) the chosen slices
+        step_mask bool (L,) the real steps (all True but in the "neighbours" layout, where a
+                  short vertebra has fewer distinct steps; padding comes last)
+        indices   int64 (kL,) the chosen slices, step-major
         box       float32 (4) the crop box x0, y0, x1, y1 in [0, 1]
         uid       str
     slice_tables: uid -> (z, 11) ratio C1..C7 + box; labels: uid -> (8) in TARGETS order.
     native: crop from the shards' native-resolution level where they have one (the box is in
-    [0, 1] of the image, so the same crop at up to twice the pixels).
+    [0, 1] of the image, so the same crop at up to twice the pixels). layout / offset: the step
+    layout (STEP_LAYOUTS) and, for "neighbours", the slice distance between a step's channels.
     """
 
     def __init__(self, shards_dir: str | Path, samples: Sequence[tuple[str, int]],
@@ -209,9 +256,12 @@ class VertebraSequenceDataset(Dataset):
                  threshold: float = 0.3, crop_size: int = 320,
                  windows: Sequence[str | Sequence[float]] = ("bone",), smooth: int = 5,
                  margin: float = 0.1, per_step: int = 3, choice: str = "spread",
-                 native: bool = False, max_open: int = 64):
+                 native: bool = False, layout: str = "spread", offset: int = 1,
+                 max_open: int = 64):
         if length < 1 or crop_size < 1:
             raise ValueError(f"length and crop_size must be positive, got {length}, {crop_size}")
+        if layout not in STEP_LAYOUTS:
+            raise ValueError(f"step layout must be one of {STEP_LAYOUTS}, got {layout!r}")
         self.store = ShardStore(shards_dir, max_open=max_open)
         self.samples = [(uid, int(v)) for uid, v in samples]
         for uid, v in self.samples:
@@ -233,6 +283,8 @@ class VertebraSequenceDataset(Dataset):
         self.per_step = per_step
         self.choice = choice
         self.native = native
+        self.layout = layout
+        self.offset = offset
 
     @property
     def channels(self) -> int:
@@ -247,8 +299,9 @@ class VertebraSequenceDataset(Dataset):
         volume = shard.slices(self.native)
         n, height, width = volume.shape
         table = check_slice_table(uid, self.slice_tables[uid], n)
-        indices, found = choose_slices(table[:, :N_VERTEBRAE], vertebra, self.length, self.threshold,
-                                       self.smooth, self.per_step, self.choice)
+        indices, step_mask, found = choose_steps(
+            table[:, :N_VERTEBRAE], vertebra, self.length, self.threshold, self.smooth,
+            self.per_step, self.choice, self.layout, self.offset)
         box = study_crop_box(table[:, N_VERTEBRAE:], indices, self.margin)
         crop = box_to_pixels(box, height, width)
         image = read_windowed(volume, indices, self.windows, self.crop_size, crop)  # (W, kL, S, S)
@@ -261,6 +314,7 @@ class VertebraSequenceDataset(Dataset):
             "ratio": torch.from_numpy(np.clip(ratio, 0.0, 1.0).astype(np.float32)),
             "vertebra": vertebra,
             "found": found,
+            "step_mask": torch.from_numpy(step_mask),
             "indices": torch.from_numpy(indices),
             "box": torch.tensor(box, dtype=torch.float32),
             "uid": uid,

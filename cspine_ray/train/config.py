@@ -14,9 +14,9 @@ from typing import Any
 from cspine_ray import N_VERTEBRAE
 from cspine_ray.config import digest, drop, from_dict, select, set_dotted, to_dict
 from cspine_ray.datasets.augment import AugmentConfig
-from cspine_ray.datasets.sequences import SLICE_CHOICES
+from cspine_ray.datasets.sequences import SLICE_CHOICES, STEP_LAYOUTS
 from cspine_ray.models.sequence import SEQUENCE_HEADS
-from cspine_ray.train.families import LOCATOR_SECTIONS, UNKEYED, Family, family
+from cspine_ray.train.families import LATER_SETTINGS, LOCATOR_SECTIONS, UNKEYED, Family, family
 
 # Part of every result key: bump it when training the same settings on the same data starts
 # to produce something else (2: the best epoch is chosen on an N-independent figure).
@@ -59,6 +59,9 @@ class InputConfig:
     native: bool = True
 
     def __post_init__(self):
+        if self.neighbour_offset < 0:
+            raise ValueError(f"input.neighbour_offset must be >= 0 (slices between a 2.5D image's "
+                             f"channels), got {self.neighbour_offset}")
         if not 0.0 <= self.visibility_threshold < 1.0:
             raise ValueError("input.visibility_threshold must be in [0, 1), got "
                              f"{self.visibility_threshold}")
@@ -118,6 +121,10 @@ class SequenceConfig:
     # the top teams' techniques, each measured on and off in benchmarks/quality.py
     slice_choice: str = "spread"  # "run": only the passing run around the ratio peak
     per_step: int = 3             # slices per 2.5D step (1st place: 5)
+    # "neighbours": each step a centre slice and its neighbours input.neighbour_offset apart,
+    # the centres spread over the vertebra, a short vertebra fewer (masked) steps (1st place);
+    # "spread": the thesis's consecutive groups of the 3L evenly spread slices
+    steps: str = "spread"
     ratio_channel: bool = False   # the step's stage-1 ratio as an extra input plane
     mask_not_found: bool = False  # leave vertebrae stage 1 did not find out of the loss
     flip_tta: bool = False        # predict = mean over the crops and their mirror image
@@ -141,6 +148,8 @@ class SequenceConfig:
         if self.slice_choice not in SLICE_CHOICES:
             raise ValueError(f"sequence.slice_choice must be one of {SLICE_CHOICES}, "
                              f"got {self.slice_choice!r}")
+        if self.steps not in STEP_LAYOUTS:
+            raise ValueError(f"sequence.steps must be one of {STEP_LAYOUTS}, got {self.steps!r}")
         if self.per_step < 1:
             raise ValueError(f"sequence.per_step must be >= 1, got {self.per_step}")
         if not self.step_loss >= 0:
@@ -193,6 +202,9 @@ class TrainConfig:
             raise ValueError(f"top_n must be in 1..{N_VERTEBRAE}, got {self.top_n}")
         if self.family == "two_stage" and self.sequence.init_from_stage1:
             self._check_stage1_init()
+        if self.sequence.steps == "neighbours" and self.input.neighbour_offset < 1:
+            raise ValueError("sequence.steps 'neighbours' needs input.neighbour_offset >= 1 (a step "
+                             "never shows one slice in two channels)")
 
     def _check_stage1_init(self) -> None:
         """Stage 2 can start from stage 1's backbone only if it is the same network: refused
@@ -238,7 +250,7 @@ class TrainConfig:
         top_n or calibrate (or in how many GPUs they ran on) share one key, so the second
         reuses the first one's fold models and out-of-fold predictions.
         """
-        d = drop(select(to_dict(self), self.spec.sections), UNKEYED)
+        d = self._keyed(self.spec.sections)
         d.pop("stage1", None)  # stands in the stage-1 key, with all the locator reads
         if d.get("ensemble") == 1:  # a single model keeps its key (an ensemble's first member)
             del d["ensemble"]
@@ -249,9 +261,23 @@ class TrainConfig:
 
     def stage1_key(self, manifest_hash: str) -> str:
         """Identity of the stage-1 result: what the locator reads and the data only."""
-        d = drop(select(to_dict(self), LOCATOR_SECTIONS), UNKEYED)
+        d = self._keyed(LOCATOR_SECTIONS)
         d["manifest"], d["version"] = manifest_hash, KEY_VERSION
         return digest(d)
+
+    def _keyed(self, sections: tuple[str, ...]) -> dict[str, Any]:
+        """The settings of `sections` that a key holds: not UNKEYED ones, nor LATER_SETTINGS at
+        their defaults."""
+        settings = to_dict(self)
+        defaults = to_dict(TrainConfig())
+        at_default = [k for k in LATER_SETTINGS if _dotted(settings, k) == _dotted(defaults, k)]
+        return drop(select(settings, sections), (*UNKEYED, *at_default))
+
+
+def _dotted(data: dict, key: str) -> Any:
+    for part in key.split("."):
+        data = data[part]
+    return data
 
 
 def build_config(base: dict, values: dict[str, Any]) -> TrainConfig:

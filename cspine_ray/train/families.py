@@ -51,6 +51,10 @@ LOCATOR_SECTIONS = ("stage1", "pretrained", "weights", "seed", "augment", "input
                     "optim.amp")
 # Settings that change how fast a job runs, never what it learns: left out of result keys.
 UNKEYED = ("input.loader_workers",)
+# Settings added after results were trained with their default behaviour: left out of a key
+# while they hold their default, so a result trained before they existed keeps its key.
+LATER_SETTINGS = ("augment.vflip_p", "augment.transpose_p", "augment.whole_pixel_shift",
+                  "augment.noise", "augment.noise_p", "sequence.steps")
 
 
 def family(name: str) -> Family:

@@ -12,6 +12,8 @@ With `init_from_stage1` each fold's CNN starts from its fold's stage-1 backbone:
 learnt this CT's bone on the same training studies (never the fold's own), for the case with
 no ImageNet weights to start from. With `step_loss` > 0 a step head learns which steps show the
 fracture from the fracture boxes' slices (weighted into the loss; prediction ignores it).
+With `steps: neighbours` each step is a centre slice and its true neighbours, and the padding
+steps of a short vertebra are masked out of the sequence head, the attention and the step loss.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class TwoStageTask(Task):
             labels=self.data.labels if labels else None, length=s.length, threshold=s.threshold,
             crop_size=s.crop_size, windows=self.cfg.input.windows, smooth=s.smooth,
             per_step=s.per_step, choice=s.slice_choice, native=self.cfg.input.native,
+            layout=s.steps, offset=self.cfg.input.neighbour_offset,
         )
 
     @property
@@ -75,7 +78,11 @@ class TwoStageTask(Task):
             ratio = batch["ratio"].to(image.dtype)[:, :, None, None, None]  # (B, L, 1, 1, 1)
             image = torch.cat([image, ratio.expand(*image.shape[:2], 1, *image.shape[3:])], dim=2)
         vertebra = batch["vertebra"] if self.cfg.sequence.vertebra_embedding else None
-        return model(image, vertebra, return_steps=True) if return_steps else model(image, vertebra)
+        # padding steps (the neighbour layout's short vertebrae) are masked out of the sequence
+        mask = {"mask": batch["step_mask"]} if self.cfg.sequence.steps == "neighbours" else {}
+        if return_steps:
+            return model(image, vertebra, return_steps=True, **mask)
+        return model(image, vertebra, **mask)
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
         s = self.cfg.sequence
@@ -89,7 +96,9 @@ class TwoStageTask(Task):
             return logits.sum() * 0.0
         loss = weighted_bce(logits[keep], batch["label"][keep])
         if steps is not None and (known := keep & batch["step_known"]).any():
-            loss = loss + s.step_loss * weighted_bce(steps[known], batch["step_label"][known])
+            real = batch["step_mask"][known] if "step_mask" in batch else slice(None)
+            loss = loss + s.step_loss * weighted_bce(steps[known][real],
+                                                     batch["step_label"][known][real])
         return loss
 
     def _probabilities(self, model: nn.Module, batch: dict) -> torch.Tensor:
