@@ -1,6 +1,7 @@
 """A stage-2 option on the one generated set where stage 2 does learn: the learning test's.
 
-    python benchmarks/learnable.py [--change KEY=VALUE ...] [--seeds 42 1 7 3]
+    python benchmarks/learnable.py [--change "KEY=VALUE [KEY=VALUE ...]" | PRESET ...]
+                                   [--seeds 42 1 7 3] [--test-studies 200]
                                    [--storage runs/learnable]
 
 The quality sets (benchmarks/quality.py) sit at the prior whatever is switched on, so they
@@ -12,6 +13,12 @@ on top of it (dotted TrainConfig keys, values as YAML: `sequence.step_loss=1.0`)
 moves both stages; one seed's stage 1 is shared by all its arms. Prints every run and, per
 arm, quality.py's row over the seeds (mean ± sd): the OOF figures at the epoch chosen on the
 same folds' vertebra loss, and the last epoch's CV figures, which nothing chose.
+
+Every result is then scored on a held-out test set (benchmarks/heldout.py: `--test-studies`
+studies of the same kind from a generator seed no training set uses; 0 = off): the metric and
+its ratio to the training prior, the patient and pooled vertebra AUCs, the look-alike
+false-positive rate, and the vertebra AUC by fracture kind. An arm is one or more dotted
+settings in one argument ("augment.rotate=0 augment.scale=0"), or one of PRESETS by name.
 """
 
 from __future__ import annotations
@@ -19,12 +26,14 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
 import sys
 from pathlib import Path
 
 import yaml
 
-from quality import Timings, markdown, row, start, timed
+from heldout import HELDOUT_SEED, heldout_predictions, heldout_set, score_heldout
+from quality import Timings, markdown, row, spread, start, timed
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -34,19 +43,43 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_learning import BUDGET, write_learning_shards  # noqa: E402
 
 
+# issue 29's changes, each an arm by name
+PRESETS = {
+    "neighbour steps": {"sequence.steps": "neighbours"},
+    # the affine becomes an exact whole-pixel shift: no rotation or zoom resamples a crack
+    "no resampling": {"augment.rotate": 0.0, "augment.scale": 0.0,
+                      "augment.whole_pixel_shift": True},
+    "crack-keeping augmentation": {"augment.rotate": 0.0, "augment.scale": 0.0,
+                                   "augment.whole_pixel_shift": True, "augment.vflip_p": 0.5,
+                                   "augment.transpose_p": 0.5, "augment.noise": 0.02},
+}
+PRESETS["neighbour steps + crack-keeping augmentation"] = {
+    **PRESETS["neighbour steps"], **PRESETS["crack-keeping augmentation"]}
+HELDOUT_COLUMNS = ("model", "test metric", "/ prior", "patient AUC", "vertebra AUC",
+                   "look-alike AUC", "look-alike FPR at 90% sensitivity")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--change", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="an arm: the test's budget with this setting changed (one arm each)")
+                   help="an arm: the test's budget with these settings changed (one arm each), "
+                        f"or a preset: {', '.join(PRESETS)}")
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 7, 3])
+    p.add_argument("--test-studies", type=int, default=200,
+                   help="held-out test studies (generator seed %d; 0 = none)" % HELDOUT_SEED)
     p.add_argument("--storage", type=Path, default=Path("runs/learnable"))
     args = p.parse_args(argv)
     args.arms = {"thesis rules (the test's budget)": {}}
     for change in args.change:
-        key, sep, value = change.partition("=")
-        if not sep:
-            p.error(f"--change wants KEY=VALUE, got {change!r}")
-        args.arms[change] = {key: yaml.safe_load(value)}
+        if change in PRESETS:
+            args.arms[change] = PRESETS[change]
+            continue
+        args.arms[change] = {}
+        for part in change.split():
+            key, sep, value = part.partition("=")
+            if not sep:
+                p.error(f"--change wants KEY=VALUE or a preset ({', '.join(PRESETS)}), got {change!r}")
+            args.arms[change][key] = yaml.safe_load(value)
     return args
 
 
@@ -63,6 +96,15 @@ def main(argv: list[str] | None = None) -> int:
         write_learning_shards(args.storage, processes=2)
     prior = evaluate_prior(data)["oof_metric"]
     print(f"constant prior: OOF metric {prior:.4f}")
+    test = None
+    if args.test_studies:
+        from test_learning import SET
+
+        generator = {k: v for k, v in SET.items() if k not in ("studies", "seed")}
+        test = heldout_set(args.storage / f"heldout-{args.test_studies}", args.test_studies,
+                           **generator)
+        print(f"held-out test set: {len(test.labels)} studies, seed {HELDOUT_SEED}", flush=True)
+    tested: dict[str, list[dict]] = {arm: [] for arm in args.arms}
     timings = Timings(args.storage / "timings.json")
     runs: dict[str, list[tuple]] = {arm: [] for arm in args.arms}
     for seed in args.seeds:
@@ -78,11 +120,41 @@ def main(argv: list[str] | None = None) -> int:
             print(f"seed {seed}, {arm}: OOF metric {figures['oof_metric']:.4f}, patient AUC "
                   f"{figures['oof_auc_patient_overall']:.3f}, best epoch {result.info.best_epoch}, "
                   f"last CV {result.info.last['cv_metric']:.4f}", flush=True)
+            if test is not None:
+                preds = heldout_predictions(result, test, args.storage / "heldout-predictions"
+                                            / str(args.test_studies))
+                held = score_heldout(preds, test, result.info.prior)
+                tested[arm].append(held)
+                print(f"  held out: metric {held['metric']:.4f} ({held['metric'] / held['prior_metric']:.2f}x "
+                      f"the prior), patient AUC {held['auc_patient_overall']:.3f}, vertebra AUC "
+                      f"{held['auc_vertebra']:.3f}, look-alike FPR {held['lookalike_fpr']:.2f}",
+                      flush=True)
     rows = [row(arm, [f for f, _, _ in done], prior, [r for _, r, _ in done],
                 [t for _, _, t in done]) for arm, done in runs.items()]
     rows.append(["constant prior", f"{prior:.4f}", "1.00", "0.500", "-", "-", "-", "-", "-"])
     print(markdown(rows))
+    if test is not None:
+        print(f"\nHeld-out test set ({len(test.labels)} studies, seed {HELDOUT_SEED}), mean ± sd "
+              f"over seeds {args.seeds}:\n")
+        print(markdown([heldout_row(arm, figures) for arm, figures in tested.items()],
+                       HELDOUT_COLUMNS))
+        kinds = sorted({k for figures in tested.values() for f in figures for k in f
+                        if k.startswith("auc_kind_")})
+        print("\nVertebra AUC by fracture kind (its fractured vertebrae against every intact one):\n")
+        print(markdown([[arm] + [spread([f[k] for f in figures if k in f], 3) for k in kinds]
+                        for arm, figures in tested.items()],
+                       ("model", *(k[len("auc_kind_"):] for k in kinds))))
     return 0
+
+
+def heldout_row(name: str, figures: list[dict]) -> list[str]:
+    metric = [f["metric"] for f in figures]
+    prior = statistics.mean(f["prior_metric"] for f in figures)
+    return [name, spread(metric, 4), f"{statistics.mean(metric) / prior:.2f}",
+            spread([f["auc_patient_overall"] for f in figures], 3),
+            spread([f["auc_vertebra"] for f in figures], 3),
+            spread([f["lookalike_auc"] for f in figures], 3),
+            spread([f["lookalike_fpr"] for f in figures], 2)]
 
 
 if __name__ == "__main__":

@@ -253,6 +253,20 @@ def test_round_trip_through_the_project_readers(tmp_path: Path):
         assert seg.bone_hu is not None and seg.bone_hu > 150
 
 
+def test_the_generators_truth_lists_every_fracture_and_look_alike_it_drew(dataset: Path):
+    specs = {s.uid: s for s in dataset_specs(5, seed=3, n_test=1, **SMALL)}
+    rows = _csv(dataset / "synth_truth.csv")
+    assert list(rows[0]) == ["StudyInstanceUID", "level", "kind", "fracture"]
+    for uid, spec in specs.items():  # train and test studies
+        truth = synth_study(spec)
+        mine = sorted((r["level"], r["kind"], r["fracture"]) for r in rows
+                      if r["StudyInstanceUID"] == uid)
+        drawn = sorted([(f.level, f.kind, "1") for f in truth.fractures]
+                       + [(d.level, d.kind, "0") for d in truth.distractors])
+        assert mine == drawn and drawn  # every study shows a fracture or a look-alike
+        assert {lv for lv, _, f in mine if f == "1"} == set(spec.fractured)
+
+
 def test_writing_in_processes_gives_the_same_files(tmp_path):
     from cspine_ray.synth import write_dataset
 

@@ -10,6 +10,9 @@ renders and writes them:
     train_bounding_boxes.csv  StudyInstanceUID, x, y, width, height, slice_number
     test.csv                  row_id, StudyInstanceUID, prediction_type
     sample_submission.csv     row_id, fractured
+    synth_truth.csv           StudyInstanceUID, level, kind, fracture: what the generator drew
+                              on each level (fracture kinds and look-alikes), no real data has it;
+                              benchmarks break their figures down by it
 
 Like the public data, test.csv lists one study more than test_images holds.
 Each study is independent (`write_study`), so callers may write studies in parallel and then
@@ -36,6 +39,7 @@ from cspine_ray.synth.study import FractureBox, StudySpec, synth_study
 log = logging.getLogger(__name__)
 
 UID_ROOT = "1.2.826.0.1.3680043.10"
+TRUTH_COLUMNS = ("StudyInstanceUID", "level", "kind", "fracture")
 # RSNA 2022 training labels (docs/ARCHITECTURE.md, "Field facts")
 PATIENT_PREVALENCE = 0.476
 VERTEBRA_PREVALENCE = {"C1": 0.072, "C2": 0.141, "C3": 0.036, "C4": 0.053, "C5": 0.080,
@@ -150,6 +154,7 @@ class WrittenStudy:
     spec: StudySpec
     boxes: tuple[FractureBox, ...]
     slices: int
+    lesions: tuple[tuple[str, str, bool], ...] = ()  # (level, kind, is a fracture) as drawn
 
 
 def write_study(spec: StudySpec, root: str | Path) -> WrittenStudy:
@@ -160,7 +165,9 @@ def write_study(spec: StudySpec, root: str | Path) -> WrittenStudy:
     if spec.has_segmentation:
         write_segmentation(study, root / "segmentations" / f"{spec.uid}.nii")
     boxes = study.boxes if spec.has_boxes else ()
-    return WrittenStudy(spec, boxes, study.hu.shape[0])
+    lesions = tuple((f.level, f.kind, True) for f in study.fractures) + \
+        tuple((d.level, d.kind, False) for d in study.distractors)
+    return WrittenStudy(spec, boxes, study.hu.shape[0], lesions)
 
 
 def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> None:
@@ -173,7 +180,7 @@ def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> N
 
 
 def write_tables(root: str | Path, written: Sequence[WrittenStudy]) -> None:
-    """train.csv, train_bounding_boxes.csv, test.csv and sample_submission.csv."""
+    """train.csv, train_bounding_boxes.csv, test.csv, sample_submission.csv, synth_truth.csv."""
     from cspine_ray.io.rsna import BOX_COLUMNS, TEST_COLUMNS  # the reader's columns (imports pandas)
 
     root = Path(root)
@@ -190,6 +197,9 @@ def write_tables(root: str | Path, written: Sequence[WrittenStudy]) -> None:
     rows = [(f"{uid}_{t}", uid, t) for uid in listed for t in TARGETS]
     _write_csv(root / "test.csv", TEST_COLUMNS, rows)
     _write_csv(root / "sample_submission.csv", ("row_id", "fractured"), ((r[0], "0.5") for r in rows))
+    _write_csv(root / "synth_truth.csv", TRUTH_COLUMNS,
+               ((w.spec.uid, level, kind, int(fracture)) for w in written
+                for level, kind, fracture in w.lesions))
 
 
 def write_dataset(root: str | Path, specs: Sequence[StudySpec], preview: bool = False,
