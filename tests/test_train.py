@@ -232,6 +232,46 @@ def test_init_from_stage1_starts_each_fold_from_its_own_folds_stage1_backbone(ti
         tiny("two_stage", **{"sequence.init_from_stage1": True, "stage1.backbone": "test_convnext"})
 
 
+def test_ema_weights_are_the_warmed_up_average_of_every_step_and_what_validation_keeps(
+        tiny_shards, tmp_path):
+    from cspine_ray.train.loop import FoldRun
+
+    data = JobData.load(tiny_shards)
+    cpu = torch.device("cpu")
+    task = make_task("cnn3d", tiny("cnn3d", **{"optim.ema": 0.6, "optim.batch_size": 2}), data)
+    run = FoldRun(task, 0, cpu)
+    name = next(n for n, p in run.model.named_parameters() if p.ndim > 1)
+    trajectory = []
+    step = run.optimizer.step
+
+    def step_and_record(*args, **kwargs):
+        out = step(*args, **kwargs)
+        trajectory.append(dict(run.model.named_parameters())[name].detach().clone())
+        return out
+
+    run.optimizer.step = step_and_record
+    run.train_epoch(0)
+    assert len(trajectory) >= 3
+    # by hand: step t averages with decay min(1 - t^(-2/3), 0.6) after t - 1 = 0 copies
+    expected = trajectory[0]
+    for t, w in enumerate(trajectory[1:], start=1):
+        decay = min(1 - (1 + t) ** (-2 / 3), 0.6)
+        expected = decay * expected + (1 - decay) * w
+    ema = dict(run.ema.module.named_parameters())[name]
+    torch.testing.assert_close(ema, expected, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(ema, trajectory[-1])                    # not the live weights
+    run.validate()
+    run.keep_if_best(True)
+    torch.testing.assert_close(run.best_state[name], expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(dict(run.best_model().named_parameters())[name], ema)
+    # a resumed fold carries on from the same average
+    run.save(tmp_path, {"epoch": 0, "best_epoch": 0, "best_cv": 0.5, "history": []}, None)
+    resumed = FoldRun(task, 0, cpu)
+    resumed.restore(tmp_path)
+    torch.testing.assert_close(dict(resumed.ema.module.named_parameters())[name], ema)
+    assert FoldRun(make_task("cnn3d", tiny("cnn3d"), data), 0, cpu).ema is None  # off by default
+
+
 def test_two_stage_validation_falls_back_to_the_prior_of_the_other_studies(tiny_shards, ray_local):
     cfg = tiny("two_stage")
     data = JobData.load(tiny_shards)

@@ -32,12 +32,17 @@ class OptimConfig:
     t0: int = 5                 # CosineAnnealingWarmRestarts period, in epochs
     eta_min: float = 1e-6
     amp: bool = True            # mixed precision; only ever used on a GPU
+    # decay of an exponential moving average of the weights that validation and the result
+    # use (timm ModelEmaV3 with warm-up; e.g. 0.99); 0 = off. The family's model only, not stage 1
+    ema: float = 0.0
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1 or self.t0 < 1:
             raise ValueError("epochs, batch_size and t0 must be >= 1")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"optim.ema must be in [0, 1) (0 = off), got {self.ema}")
 
 
 @dataclass

@@ -9,6 +9,11 @@ Each epoch's checkpoint holds, per fold: the latest state (to resume after a los
 weights of the best epoch and that epoch's out-of-fold predictions (and the extra training
 targets a task made for the fold, e.g. stage 1's pseudo labels), so the latest checkpoint
 alone is enough both to resume and to export the result.
+
+With `optim.ema` > 0 a fold also keeps an exponential moving average of its weights (timm's
+ModelEmaV3, decay warming up from 0 so a short run is not frozen near its start); validation,
+the best epoch's weights and the exported models are the average's, the usual way to steady a
+model trained on few positives.
 """
 
 from __future__ import annotations
@@ -66,6 +71,11 @@ class FoldRun:
         opt = task.optim()
         torch.manual_seed(task.cfg.seed * 1000 + fold)  # fold models do not depend on placement
         self.model = task.initial_model(fold).to(device)
+        self.ema = None
+        if opt.ema > 0:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.model, decay=opt.ema, use_warmup=True)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opt.lr,
                                            weight_decay=opt.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
@@ -103,6 +113,8 @@ class FoldRun:
                 loss.backward()
                 self.optimizer.step()
             self.scheduler.step(epoch + (i + 1) / steps)  # warm restarts on fractional epochs
+            if self.ema is not None:  # the step count (warm-up) survives a resume
+                self.ema.update(model, step=epoch * steps + i + 1)
             n = len(batch["uid"])
             total += float(loss.detach()) * n
             count += n
@@ -115,17 +127,23 @@ class FoldRun:
             figures["gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return figures
 
+    @property
+    def evaluated(self) -> torch.nn.Module:
+        """The model validation scores and the result keeps: the weight average when on."""
+        return self.model if self.ema is None else self.ema.module
+
     def validate(self) -> dict[str, float]:
-        self.last_preds = self.task.predict([self.model], self.val_uids, self.device)
+        self.last_preds = self.task.predict([self.evaluated], self.val_uids, self.device)
         return self.task.score(self.last_preds, self.val_uids)
 
     def keep_if_best(self, improved: bool) -> None:
         if improved or self.best_state is None:
-            self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+            self.best_state = {k: v.detach().cpu().clone()
+                               for k, v in self.evaluated.state_dict().items()}
             self.best_preds = self.last_preds
 
     def best_model(self) -> torch.nn.Module:
-        model = copy.deepcopy(self.model)
+        model = copy.deepcopy(self.evaluated)
         model.load_state_dict(self.best_state)
         return model
 
@@ -135,7 +153,8 @@ class FoldRun:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else {},
-            "generator": self.generator.get_state(), **progress,
+            "generator": self.generator.get_state(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else {}, **progress,
         }, folder / fold_file(self.fold, "state.pt"))
         torch.save({"model": self.best_state, "epoch": progress["best_epoch"]},
                    folder / fold_file(self.fold, "best.pt"))
@@ -159,6 +178,8 @@ class FoldRun:
         if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.generator.set_state(state["generator"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(state["ema"])
         self.best_state = torch_load(folder / fold_file(self.fold, "best.pt"))["model"]
         oof = pd.read_parquet(folder / fold_file(self.fold, "oof.parquet"))
         self.best_preds = oof.drop(columns="fold").set_index("study_uid")
