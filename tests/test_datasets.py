@@ -26,7 +26,7 @@ from cspine_ray.datasets import (
     study_crop_box,
     study_labels,
 )
-from cspine_ray.datasets.sequences import box_to_pixels, choose_steps, step_targets
+from cspine_ray.datasets.sequences import balance_samples, box_to_pixels, choose_steps, step_targets
 from cspine_ray.datasets.volumes import read_cube
 from cspine_ray.io.errors import StudyError
 from cspine_ray.preprocess.shards import commit, new_tmp_dir
@@ -450,6 +450,31 @@ def test_step_targets_mark_the_steps_holding_a_fracture_box_slice():
     targets, known = step_targets(indices, 3, set(), 1.0)
     assert not known and targets.shape == (3,)
     np.testing.assert_array_equal(step_targets(indices, 1, {4, 5}, 1.0)[0], [0, 1, 1, 0, 0, 0, 0, 0, 0])
+
+
+def test_step_targets_from_the_label_mark_every_step_of_a_fractured_vertebra():
+    indices = np.array([3, 4, 5, 6, 7, 8])
+    for boxes in (set(), {7}):  # boxed or not: the label teaches every step
+        targets, known = step_targets(indices, 3, boxes, 1.0, source="label")
+        assert known and targets.tolist() == [1.0, 1.0]
+    targets, known = step_targets(indices, 3, {7}, 0.0, source="label")
+    assert known and targets.tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="step targets"):
+        step_targets(indices, 3, set(), 1.0, source="slices")
+
+
+def test_balanced_samples_repeat_the_fractured_vertebrae_towards_the_fraction():
+    labels = {"u": np.array([1, 0, 0, 0, 0, 0, 0, 1], np.float32),
+              "w": np.array([0, 0, 1, 0, 0, 0, 0, 1], np.float32)}
+    samples = [(u, v) for u in ("u", "w") for v in range(7)]  # 2 fractured of 14
+    # 0.3 of the epoch: k = round(0.3 * 12 / (0.7 * 2)) = round(2.57) = 3 -> 6 of 18
+    out = balance_samples(samples, labels, 0.3)
+    assert out == [("u", 0)] * 3 + [("u", v) for v in range(1, 7)] + [("w", 0), ("w", 1)] + \
+        [("w", 2)] * 3 + [("w", v) for v in range(3, 7)]
+    assert balance_samples(samples, labels, 0.1) == samples   # already 2 / 14 > 0.1
+    assert balance_samples(samples, {u: labels[u] * 0 for u in labels}, 0.3) == samples
+    with pytest.raises(ValueError, match="fraction"):
+        balance_samples(samples, labels, 1.0)
 
 
 def test_sequence_step_labels_come_from_the_shards_fracture_boxes(tmp_path, shards):

@@ -89,7 +89,8 @@ def test_settings_added_later_key_a_result_only_when_they_are_set():
         for family in ("two_stage", "cnn3d"):
             assert keys(cfg(family, **change))[0] != keys(cfg(family))[0], (family, change)
         assert keys(cfg("two_stage", **change))[1] != keys(cfg("two_stage"))[1], change
-    for stage2_only in ({"sequence.steps": "neighbours"}, {"optim.ema": 0.99}):
+    for stage2_only in ({"sequence.steps": "neighbours"}, {"optim.ema": 0.99},
+                        {"sequence.step_target": "label"}, {"sequence.balance": 0.3}):
         changed = cfg("two_stage", **stage2_only)
         assert keys(changed)[0] != keys(cfg("two_stage"))[0]
         assert keys(changed)[1] == keys(cfg("two_stage"))[1]  # stage 1 does not read it

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -211,6 +212,23 @@ def test_the_tasks_dataset_lays_out_the_steps_as_configured():
     ds = t.dataset([])
     assert (ds.layout, ds.offset) == ("neighbours", 2)
     assert task().dataset([]).layout == "spread"
+
+
+def test_balance_repeats_the_fractured_vertebrae_of_a_training_epoch_only():
+    labels = {"1.1": np.array([0, 1, 0, 0, 0, 0, 0, 1], np.float32),
+              "1.2": np.zeros(8, np.float32)}
+    tables = {u: np.zeros((20, 11), np.float32) for u in labels}
+    data = JobData(shards_dir="", uids=list(labels), folds={"1.1": 0, "1.2": 1}, labels=labels,
+                   segmented=set(), slice_tables=tables)
+    cfg = build_config({"family": "two_stage", "sequence": {"balance": 0.4, "step_target": "label"}}, {})
+    t = make_task("two_stage", cfg, data)
+    # 1 fractured of 14: k = round(0.4 * 13 / (0.6 * 1)) = 9 -> 9 of 22
+    train = t.train_dataset(list(labels), epoch=0, fold=0).samples
+    assert len(train) == 22 and train.count(("1.1", 1)) == 9
+    assert t.dataset(list(labels)).samples == [(u, v) for u in labels for v in range(7)]
+    assert t.dataset([]).step_target == "label" and task().dataset([]).step_target == "boxes"
+    plain = make_task("two_stage", build_config({"family": "two_stage"}, {}), data)
+    assert len(plain.train_dataset(list(labels), epoch=0, fold=0).samples) == 14
 
 
 def test_neighbour_steps_need_a_neighbour_offset_and_a_known_layout():

@@ -201,19 +201,43 @@ def study_crop_box(boxes: np.ndarray, indices: Sequence[int] | np.ndarray,
     return (float(x0), float(y0), float(x1), float(y1))
 
 
+STEP_TARGETS = ("boxes", "label")
+
+
 def step_targets(indices: np.ndarray, per_step: int, fracture_slices: set[int],
-                 label: float) -> tuple[np.ndarray, bool]:
+                 label: float, source: str = "boxes") -> tuple[np.ndarray, bool]:
     """(float32 (L,) per-step fracture target, known) for one vertebra's chosen slices.
 
-    label 0: every step 0, known. label 1 and the study has fracture boxes: a step is 1 when any
-    of its `per_step` slices has a box, known. label 1 without boxes: unknown (all 0)."""
+    label 0: every step 0, known. source "label" (the 1st place's): every step carries the
+    vertebra's label, known. source "boxes", label 1 and the study has fracture boxes: a step is 1
+    when any of its `per_step` slices has a box, known; label 1 without boxes: unknown (all 0)."""
+    if source not in STEP_TARGETS:
+        raise ValueError(f"step targets come from one of {STEP_TARGETS}, got {source!r}")
     steps = np.asarray(indices, dtype=np.int64).reshape(-1, per_step)
     if label < 0.5:
         return np.zeros(len(steps), np.float32), True
+    if source == "label":
+        return np.ones(len(steps), np.float32), True
     if not fracture_slices:
         return np.zeros(len(steps), np.float32), False
     hit = np.isin(steps, list(fracture_slices)).any(axis=1)
     return hit.astype(np.float32), True
+
+
+def balance_samples(samples: Sequence[tuple[str, int]], labels: Mapping[str, np.ndarray],
+                    fraction: float) -> list[tuple[str, int]]:
+    """`samples` with each fractured vertebra repeated k times, k the whole number that brings
+    fractured vertebrae nearest `fraction` of the epoch (at least once each; none fractured:
+    unchanged). Order kept, repeats next to their original (the loader shuffles)."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"balanced fraction must be in [0, 1), got {fraction}")
+    positive = [float(labels[u][v]) >= 0.5 for u, v in samples]
+    n_pos = sum(positive)
+    n_neg = len(samples) - n_pos
+    if not n_pos or fraction <= n_pos / len(samples):
+        return list(samples)
+    k = max(1, round(fraction * n_neg / ((1 - fraction) * n_pos)))
+    return [s for s, pos in zip(samples, positive) for _ in range(k if pos else 1)]
 
 
 def box_to_pixels(box: tuple[float, float, float, float], height: int,
@@ -248,6 +272,7 @@ class VertebraSequenceDataset(Dataset):
     native: crop from the shards' native-resolution level where they have one (the box is in
     [0, 1] of the image, so the same crop at up to twice the pixels). layout / offset: the step
     layout (STEP_LAYOUTS) and, for "neighbours", the slice distance between a step's channels.
+    step_target: where step_label comes from (STEP_TARGETS: the fracture boxes or the label).
     """
 
     def __init__(self, shards_dir: str | Path, samples: Sequence[tuple[str, int]],
@@ -257,7 +282,7 @@ class VertebraSequenceDataset(Dataset):
                  windows: Sequence[str | Sequence[float]] = ("bone",), smooth: int = 5,
                  margin: float = 0.1, per_step: int = 3, choice: str = "spread",
                  native: bool = False, layout: str = "spread", offset: int = 1,
-                 max_open: int = 64):
+                 step_target: str = "boxes", max_open: int = 64):
         if length < 1 or crop_size < 1:
             raise ValueError(f"length and crop_size must be positive, got {length}, {crop_size}")
         if layout not in STEP_LAYOUTS:
@@ -285,6 +310,7 @@ class VertebraSequenceDataset(Dataset):
         self.native = native
         self.layout = layout
         self.offset = offset
+        self.step_target = step_target
 
     @property
     def channels(self) -> int:
@@ -322,7 +348,7 @@ class VertebraSequenceDataset(Dataset):
         if self.labels is not None:
             label = float(self.labels[uid][vertebra])
             fractures = {int(b[0]) for b in shard.fracture_boxes}
-            steps, known = step_targets(indices, self.per_step, fractures, label)
+            steps, known = step_targets(indices, self.per_step, fractures, label, self.step_target)
             sample["label"] = torch.tensor(label, dtype=torch.float32)
             sample["step_label"], sample["step_known"] = torch.from_numpy(steps), known
         return sample

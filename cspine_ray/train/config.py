@@ -14,7 +14,7 @@ from typing import Any
 from cspine_ray import N_VERTEBRAE
 from cspine_ray.config import digest, drop, from_dict, select, set_dotted, to_dict
 from cspine_ray.datasets.augment import AugmentConfig
-from cspine_ray.datasets.sequences import SLICE_CHOICES, STEP_LAYOUTS
+from cspine_ray.datasets.sequences import SLICE_CHOICES, STEP_LAYOUTS, STEP_TARGETS
 from cspine_ray.models.sequence import SEQUENCE_HEADS
 from cspine_ray.train.families import LATER_SETTINGS, LOCATOR_SECTIONS, UNKEYED, Family, family
 
@@ -140,6 +140,12 @@ class SequenceConfig:
     # beside the vertebra's logit; studies without boxes teach only their negative vertebrae);
     # 0 = off
     step_loss: float = 0.0
+    # what the step loss learns: "boxes" (the fracture boxes' slices) or "label" (the vertebra's
+    # label on every step, the 1st place's; every fractured vertebra teaches, boxed or not)
+    step_target: str = "boxes"
+    # fractured vertebrae repeated in each training epoch until they are about this fraction of
+    # its samples (about 5-10% otherwise); 0 = off
+    balance: float = 0.0
 
     def in_chans(self, windows: int) -> int:
         """Channels of one 2.5D step: per_step slices per window, and the ratio plane."""
@@ -159,6 +165,11 @@ class SequenceConfig:
             raise ValueError(f"sequence.per_step must be >= 1, got {self.per_step}")
         if not self.step_loss >= 0:
             raise ValueError(f"sequence.step_loss must be >= 0, got {self.step_loss}")
+        if self.step_target not in STEP_TARGETS:
+            raise ValueError(f"sequence.step_target must be one of {STEP_TARGETS}, "
+                             f"got {self.step_target!r}")
+        if not 0 <= self.balance < 1:
+            raise ValueError(f"sequence.balance must be in [0, 1) (0 = off), got {self.balance}")
 
 
 @dataclass

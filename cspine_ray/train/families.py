@@ -54,7 +54,8 @@ UNKEYED = ("input.loader_workers",)
 # Settings added after results were trained with their default behaviour: left out of a key
 # while they hold their default, so a result trained before they existed keeps its key.
 LATER_SETTINGS = ("augment.vflip_p", "augment.transpose_p", "augment.whole_pixel_shift",
-                  "augment.noise", "augment.noise_p", "sequence.steps", "optim.ema")
+                  "augment.noise", "augment.noise_p", "sequence.steps", "optim.ema",
+                  "sequence.step_target", "sequence.balance")
 
 
 def family(name: str) -> Family:

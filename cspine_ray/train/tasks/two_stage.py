@@ -12,6 +12,8 @@ With `init_from_stage1` each fold's CNN starts from its fold's stage-1 backbone:
 learnt this CT's bone on the same training studies (never the fold's own), for the case with
 no ImageNet weights to start from. With `step_loss` > 0 a step head learns which steps show the
 fracture from the fracture boxes' slices (weighted into the loss; prediction ignores it).
+`step_target: label` trains the step head on the vertebra's label instead (every step). With
+`balance` the fractured vertebrae are repeated in each training epoch.
 With `steps: neighbours` each step is a centre slice and its true neighbours, and the padding
 steps of a short vertebra are masked out of the sequence head, the attention and the step loss.
 """
@@ -28,6 +30,7 @@ from torch import nn
 
 from cspine_ray import VERTEBRAE
 from cspine_ray.datasets import VertebraSequenceDataset, augment_batch
+from cspine_ray.datasets.sequences import balance_samples
 from cspine_ray.train.losses import weighted_bce
 from cspine_ray.train.tasks.base import Task, autocast, to_device
 
@@ -60,7 +63,7 @@ class TwoStageTask(Task):
             labels=self.data.labels if labels else None, length=s.length, threshold=s.threshold,
             crop_size=s.crop_size, windows=self.cfg.input.windows, smooth=s.smooth,
             per_step=s.per_step, choice=s.slice_choice, native=self.cfg.input.native,
-            layout=s.steps, offset=self.cfg.input.neighbour_offset,
+            layout=s.steps, offset=self.cfg.input.neighbour_offset, step_target=s.step_target,
         )
 
     @property
@@ -68,7 +71,11 @@ class TwoStageTask(Task):
         return self.cfg.sequence.in_chans(len(self.cfg.input.windows))
 
     def train_dataset(self, uids: list[str], epoch: int, fold: int) -> VertebraSequenceDataset:
-        return self.dataset(uids)
+        dataset = self.dataset(uids)
+        if self.cfg.sequence.balance:  # the same vertebrae, fractured ones repeated
+            dataset.samples = balance_samples(dataset.samples, self.data.labels,
+                                              self.cfg.sequence.balance)
+        return dataset
 
     def _forward(self, model: nn.Module, image: torch.Tensor, batch: dict,
                  return_steps: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
