@@ -55,6 +55,12 @@ PRESETS = {
 }
 PRESETS["neighbour steps + crack-keeping augmentation"] = {
     **PRESETS["neighbour steps"], **PRESETS["crack-keeping augmentation"]}
+PRESETS.update({  # the recipe for few positives
+    "EMA weights": {"optim.ema": 0.99},
+    "balanced fractures": {"sequence.balance": 0.3},
+    "label on every step": {"sequence.step_loss": 1.0, "sequence.step_target": "label"},
+    "weight decay 0.05": {"optim.weight_decay": 0.05},
+})
 HELDOUT_COLUMNS = ("model", "test metric", "/ prior", "patient AUC", "vertebra AUC",
                    "look-alike AUC", "look-alike FPR at 90% sensitivity")
 
