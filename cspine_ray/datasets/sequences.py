@@ -53,6 +53,7 @@ MIN_PEAK = 0.01  # below this a smoothed ratio is numerical noise, not a trace o
 MIN_CROP = 0.05  # smallest crop side (fraction of the image): a collapsed predicted box stays usable
 SLICE_CHOICES = ("spread", "run")
 STEP_LAYOUTS = ("spread", "neighbours")
+STEP_TARGETS = ("boxes", "label")
 
 
 def smooth_ratios(ratio_table: np.ndarray, smooth: int) -> np.ndarray:
@@ -199,9 +200,6 @@ def study_crop_box(boxes: np.ndarray, indices: Sequence[int] | np.ndarray,
     x0, x1 = place(x0, x1)
     y0, y1 = place(y0, y1)
     return (float(x0), float(y0), float(x1), float(y1))
-
-
-STEP_TARGETS = ("boxes", "label")
 
 
 def step_targets(indices: np.ndarray, per_step: int, fracture_slices: set[int],
