@@ -61,6 +61,8 @@ PRESETS.update({  # the recipe for few positives
     "label on every step": {"sequence.step_loss": 1.0, "sequence.step_target": "label"},
     "weight decay 0.05": {"optim.weight_decay": 0.05},
 })
+PRESETS["recipe (EMA, balanced, label on every step)"] = {
+    **PRESETS["EMA weights"], **PRESETS["balanced fractures"], **PRESETS["label on every step"]}
 HELDOUT_COLUMNS = ("model", "test metric", "/ prior", "patient AUC", "vertebra AUC",
                    "look-alike AUC", "look-alike FPR at 90% sensitivity")
 
