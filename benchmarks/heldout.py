@@ -54,14 +54,21 @@ def heldout_set(folder: Path, studies: int, seed: int = HELDOUT_SEED, processes:
                       truth[truth["StudyInstanceUID"].isin(data.uids)])
 
 
-def heldout_predictions(result, test: HeldoutSet, cache_dir: Path) -> pd.DataFrame:
-    """The result's probabilities (TARGETS) for every test study, cached by the result's key."""
+def heldout_predictions(result, test: HeldoutSet, cache_dir: Path,
+                        train_shards: Path | None = None) -> pd.DataFrame:
+    """The result's probabilities (TARGETS) for every test study, cached by the result's key.
+    With `train_shards`, through the calibrator a promoted model would apply: fitted on the
+    result's out-of-fold predictions of those training studies (never on a test study)."""
     from cspine_ray.predict.ensemble import Ensemble
+    from cspine_ray.train.result import fit_result_calibrator
 
-    cache = cache_dir / f"{Path(result.path).name}.parquet"
+    calibrated = train_shards is not None
+    cache = cache_dir / f"{Path(result.path).name}{'.calibrated' if calibrated else ''}.parquet"
     if cache.exists():
         return pd.read_parquet(cache)
-    preds, _ = Ensemble.load(result.path, device="cpu").predict(test.shards, list(test.labels.index))
+    calibrator = fit_result_calibrator(result, train_shards) if calibrated else None
+    ensemble = Ensemble.load(result.path, device="cpu", calibrator=calibrator)
+    preds, _ = ensemble.predict(test.shards, list(test.labels.index))
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")
     preds.to_parquet(tmp)

@@ -17,7 +17,8 @@ same folds' vertebra loss, and the last epoch's CV figures, which nothing chose.
 Every result is then scored on a held-out test set (benchmarks/heldout.py: `--test-studies`
 studies of the same kind from a generator seed no training set uses; 0 = off): the metric and
 its ratio to the training prior, the patient and pooled vertebra AUCs, the look-alike
-false-positive rate, and the vertebra AUC by fracture kind. An arm is one or more dotted
+false-positive rate, and the vertebra AUC by fracture kind; with --calibrate every figure comes
+through the out-of-fold calibrator a promoted `calibrate: true` model applies. An arm is one or more dotted
 settings in one argument ("augment.rotate=0 augment.scale=0"), or one of PRESETS by name.
 """
 
@@ -73,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="an arm: the test's budget with these settings changed (one arm each), "
                         f"or a preset: {', '.join(PRESETS)}")
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 7, 3])
+    p.add_argument("--calibrate", action="store_true",
+                   help="score through the out-of-fold calibrator (calibrate: true) instead of N")
     p.add_argument("--test-studies", type=int, default=200,
                    help="held-out test studies (generator seed %d; 0 = none)" % HELDOUT_SEED)
     p.add_argument("--storage", type=Path, default=Path("runs/learnable"))
@@ -123,14 +126,15 @@ def main(argv: list[str] | None = None) -> int:
                 set_dotted(settings, key, value)
             cfg = from_dict(TrainConfig, settings)
             result, timing = timed(timings, lambda: train(cfg, data, args.storage / "runs"))
-            figures = evaluate_result(result, data, cfg.effective_top_n)
+            figures = evaluate_result(result, data, cfg.effective_top_n, calibrate=args.calibrate)
             runs[arm].append((figures, result, timing))
             print(f"seed {seed}, {arm}: OOF metric {figures['oof_metric']:.4f}, patient AUC "
                   f"{figures['oof_auc_patient_overall']:.3f}, best epoch {result.info.best_epoch}, "
                   f"last CV {result.info.last['cv_metric']:.4f}", flush=True)
             if test is not None:
                 preds = heldout_predictions(result, test, args.storage / "heldout-predictions"
-                                            / str(args.test_studies))
+                                            / str(args.test_studies),
+                                            data if args.calibrate else None)
                 held = score_heldout(preds, test, result.info.prior)
                 tested[arm].append(held)
                 print(f"  held out: metric {held['metric']:.4f} ({held['metric'] / held['prior_metric']:.2f}x "
@@ -138,12 +142,13 @@ def main(argv: list[str] | None = None) -> int:
                       f"{held['auc_vertebra']:.3f}, look-alike FPR {held['lookalike_fpr']:.2f}",
                       flush=True)
     rows = [row(arm, [f for f, _, _ in done], prior, [r for _, r, _ in done],
-                [t for _, _, t in done]) for arm, done in runs.items()]
+                [t for _, _, t in done], calibrated=args.calibrate) for arm, done in runs.items()]
     rows.append(["constant prior", f"{prior:.4f}", "1.00", "0.500", "-", "-", "-", "-", "-"])
     print(markdown(rows))
     if test is not None:
-        print(f"\nHeld-out test set ({len(test.labels)} studies, seed {HELDOUT_SEED}), mean ± sd "
-              f"over seeds {args.seeds}:\n")
+        how = "through the calibrator" if args.calibrate else "the top-N rule"
+        print(f"\nHeld-out test set ({len(test.labels)} studies, seed {HELDOUT_SEED}, {how}), "
+              f"mean ± sd over seeds {args.seeds}:\n")
         print(markdown([heldout_row(arm, figures) for arm, figures in tested.items()],
                        HELDOUT_COLUMNS))
         kinds = sorted({k for figures in tested.values() for f in figures for k in f
