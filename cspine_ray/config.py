@@ -145,6 +145,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def get_dotted(config: dict, key: str) -> Any:
+    """config["a"]["b"] for key "a.b"."""
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
 def set_dotted(config: dict, key: str, value: Any) -> None:
     """config["a"]["b"] = value for key "a.b" (creating the intermediate mappings)."""
     *parents, last = key.split(".")
@@ -172,10 +180,7 @@ def select(data: dict, keys: Iterable[str]) -> dict:
     """The parts of nested `data` named by dotted keys ("optim": the section, "optim.lr": one value)."""
     out: dict = {}
     for key in keys:
-        node = data
-        for part in key.split("."):
-            node = node[part]
-        set_dotted(out, key, copy.deepcopy(node))
+        set_dotted(out, key, copy.deepcopy(get_dotted(data, key)))
     return out
 
 

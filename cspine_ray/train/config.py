@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cspine_ray import N_VERTEBRAE
-from cspine_ray.config import digest, drop, from_dict, select, set_dotted, to_dict
+from cspine_ray.config import digest, drop, from_dict, get_dotted, select, set_dotted, to_dict
 from cspine_ray.datasets.augment import AugmentConfig
 from cspine_ray.datasets.sequences import SLICE_CHOICES, STEP_LAYOUTS, STEP_TARGETS
 from cspine_ray.models.sequence import SEQUENCE_HEADS
@@ -218,7 +218,8 @@ class TrainConfig:
             raise ValueError(f"top_n must be in 1..{N_VERTEBRAE}, got {self.top_n}")
         if self.family == "two_stage" and self.sequence.init_from_stage1:
             self._check_stage1_init()
-        if self.sequence.steps == "neighbours" and self.input.neighbour_offset < 1:
+        if (self.family == "two_stage" and self.sequence.steps == "neighbours"
+                and self.input.neighbour_offset < 1):
             raise ValueError("sequence.steps 'neighbours' needs input.neighbour_offset >= 1 (a step "
                              "never shows one slice in two channels)")
 
@@ -285,15 +286,12 @@ class TrainConfig:
         """The settings of `sections` that a key holds: not UNKEYED ones, nor LATER_SETTINGS at
         their defaults."""
         settings = to_dict(self)
-        defaults = to_dict(TrainConfig())
-        at_default = [k for k in LATER_SETTINGS if _dotted(settings, k) == _dotted(defaults, k)]
+        at_default = [k for k in LATER_SETTINGS if get_dotted(settings, k) == LATER_DEFAULTS[k]]
         return drop(select(settings, sections), (*UNKEYED, *at_default))
 
 
-def _dotted(data: dict, key: str) -> Any:
-    for part in key.split("."):
-        data = data[part]
-    return data
+# what the settings added later hold by default (read once, not at every key)
+LATER_DEFAULTS = {k: get_dotted(to_dict(TrainConfig()), k) for k in LATER_SETTINGS}
 
 
 def build_config(base: dict, values: dict[str, Any]) -> TrainConfig:
