@@ -85,11 +85,16 @@ class TwoStageTask(Task):
             ratio = batch["ratio"].to(image.dtype)[:, :, None, None, None]  # (B, L, 1, 1, 1)
             image = torch.cat([image, ratio.expand(*image.shape[:2], 1, *image.shape[3:])], dim=2)
         vertebra = batch["vertebra"] if self.cfg.sequence.vertebra_embedding else None
-        # padding steps (the neighbour layout's short vertebrae) are masked out of the sequence
-        mask = {"mask": batch["step_mask"]} if self.cfg.sequence.steps == "neighbours" else {}
+        mask = self._step_mask(batch)
+        kwargs = {} if mask is None else {"mask": mask}
         if return_steps:
-            return model(image, vertebra, return_steps=True, **mask)
-        return model(image, vertebra, **mask)
+            return model(image, vertebra, return_steps=True, **kwargs)
+        return model(image, vertebra, **kwargs)
+
+    def _step_mask(self, batch: dict) -> torch.Tensor | None:
+        """(B, L) real steps where a layout pads (the neighbour layout's short vertebrae); None
+        where every step is real (the thesis layout)."""
+        return batch["step_mask"] if self.cfg.sequence.steps == "neighbours" else None
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
         s = self.cfg.sequence
@@ -103,9 +108,10 @@ class TwoStageTask(Task):
             return logits.sum() * 0.0
         loss = weighted_bce(logits[keep], batch["label"][keep])
         if steps is not None and (known := keep & batch["step_known"]).any():
-            real = batch["step_mask"][known] if "step_mask" in batch else slice(None)
-            loss = loss + s.step_loss * weighted_bce(steps[known][real],
-                                                     batch["step_label"][known][real])
+            steps, targets = steps[known], batch["step_label"][known]
+            if (mask := self._step_mask(batch)) is not None:  # padding steps teach nothing
+                steps, targets = steps[mask[known]], targets[mask[known]]
+            loss = loss + s.step_loss * weighted_bce(steps, targets)
         return loss
 
     def _probabilities(self, model: nn.Module, batch: dict) -> torch.Tensor:
