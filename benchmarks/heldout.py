@@ -2,7 +2,8 @@
 ever saw, from a generator seed used nowhere else, scored with the generator's own truth.
 
     test = heldout_set(folder, studies=200, seed=HELDOUT_SEED, size=64, ...)   # cached
-    figures = score_heldout(result, test, cache_dir)                            # cached
+    preds = heldout_predictions(result, test, cache_dir)                        # cached
+    figures = score_heldout(preds, test, result.info.prior)
 
 A result predicts the set as it would be promoted (`predict.Ensemble`: every fold model
 averaged, its stage 1 included, its own patient rule). Besides the metric, its ratio to the
@@ -87,10 +88,8 @@ def score_heldout(preds: pd.DataFrame, test: HeldoutSet, prior: np.ndarray) -> d
     y = test.labels[list(VERTEBRAE)].to_numpy().ravel()
     p = preds.loc[test.labels.index, list(VERTEBRAE)].to_numpy().ravel()
     figures["auc_vertebra"] = roc_auc(y, p)
-    score = {(u, v): p[i * len(VERTEBRAE) + j] for i, u in enumerate(test.labels.index)
-             for j, v in enumerate(VERTEBRAE)}
-    label = {(u, v): y[i * len(VERTEBRAE) + j] for i, u in enumerate(test.labels.index)
-             for j, v in enumerate(VERTEBRAE)}
+    levels = [(u, v) for u in test.labels.index for v in VERTEBRAE]  # the order of y and p
+    score, label = dict(zip(levels, p)), dict(zip(levels, y))
     cervical = test.truth[test.truth["level"].isin(VERTEBRAE)]  # look-alikes reach T1-T2 too
     intact = p[y < 0.5]
     for kind, rows in cervical[cervical["fracture"] == 1].groupby("kind"):
@@ -108,6 +107,7 @@ def _levels(rows: pd.DataFrame) -> list[tuple[str, str]]:
 
 
 def _auc(positive, negative) -> float:
+    """ROC AUC of two groups of scores; nan when one is empty."""
     from cspine_ray.metric import roc_auc
 
     positive, negative = np.asarray(positive, float), np.asarray(negative, float)

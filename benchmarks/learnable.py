@@ -18,8 +18,8 @@ Every result is then scored on a held-out test set (benchmarks/heldout.py: `--te
 studies of the same kind from a generator seed no training set uses; 0 = off): the metric and
 its ratio to the training prior, the patient and pooled vertebra AUCs, the look-alike
 false-positive rate, and the vertebra AUC by fracture kind; with --calibrate every figure comes
-through the out-of-fold calibrator a promoted `calibrate: true` model applies. An arm is one or more dotted
-settings in one argument ("augment.rotate=0 augment.scale=0"), or one of PRESETS by name.
+through the out-of-fold calibrator a promoted `calibrate: true` model applies. An arm is one or
+more dotted settings in one argument ("augment.rotate=0 augment.scale=0"), or one of PRESETS.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 # the test's set, budget and data: one home
-from test_learning import BUDGET, write_learning_shards  # noqa: E402
+from test_learning import BUDGET, SET, write_learning_shards  # noqa: E402
 
 
 # issue 29's changes, each an arm by name
@@ -109,8 +109,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"constant prior: OOF metric {prior:.4f}")
     test = None
     if args.test_studies:
-        from test_learning import SET
-
         generator = {k: v for k, v in SET.items() if k not in ("studies", "seed")}
         test = heldout_set(args.storage / f"heldout-{args.test_studies}", args.test_studies,
                            **generator)
