@@ -278,3 +278,39 @@ def test_writing_in_processes_gives_the_same_files(tmp_path):
     write_dataset(tmp_path / "one", specs)
     write_dataset(tmp_path / "two", specs, processes=2)
     assert files(tmp_path / "one") == files(tmp_path / "two")
+
+
+def test_crack_widths_can_be_drawn_in_pixels_of_the_working_resolution():
+    # the pixel size comes from the study's own spacing (its field of view / its side), and a
+    # study drawn 1.5x larger still gets widths in pixels of the working side (64)
+    spec = StudySpec(uid="1.2.7", index=4, seed=0, severity="subtle", fractured=("C4", "C6"),
+                     crack_px=(2.0, 3.0), crack_side=64, **SMALL)
+    for side in (64, 96):
+        study = synth_study(replace(spec, size=side))
+        working_px = study.spacing[1] * side / 64
+        cracks = [f for f in study.fractures if f.kind != "wedge"]  # a wedge opens no gap
+        assert cracks
+        for f in cracks:
+            assert 2.0 * working_px - 0.01 <= f.gap_mm <= 3.0 * working_px + 0.01, (side, f)
+    default = synth_study(replace(spec, crack_px=None, crack_side=0))
+    assert all(0.8 <= f.gap_mm <= 1.2 for f in default.fractures if f.kind != "wedge")
+    obvious = synth_study(replace(spec, severity="obvious", crack_px=(1.0, 1.0)))
+    assert all(abs(f.gap_mm - obvious.spacing[1]) < 0.01 for f in obvious.fractures
+               if f.kind != "wedge")
+    assert [s.crack_px for s in dataset_specs(3, n_test=0, size=64, crack_px=(1, 3))] == [(1.0, 3.0)] * 3
+    assert {s.crack_side for s in dataset_specs(3, n_test=0, size=64, crack_px=(1, 3))} == {64}
+    with pytest.raises(ValueError, match="crack widths"):
+        replace(spec, crack_px=(3.0, 1.0))
+
+
+def test_wider_cracks_change_more_of_the_vertebra():
+    spec = StudySpec(uid="1.2.8", index=5, seed=2, severity="obvious", fractured=("C5",), **SMALL)
+    clean = synth_study(replace(spec, fractured=()))
+    inside = clean.labels == LABEL["C5"]
+
+    def changed(lo_hi) -> int:
+        study = synth_study(replace(spec, crack_px=lo_hi, crack_side=64))
+        return int((np.abs(study.hu.astype(float) - clean.hu)[inside] > 150).sum())
+
+    thin, wide = changed((0.5, 0.5)), changed((3.0, 3.0))
+    assert wide > 2 * thin > 0, (thin, wide)

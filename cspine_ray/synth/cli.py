@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slice-spacing", type=float, default=1.0, help="mm between slices (default 1.0)")
     parser.add_argument("--severity", choices=SEVERITIES, default="subtle",
                         help="subtle (realistic) or obvious (learnable by small models at low resolution)")
+    parser.add_argument("--crack-px", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                        help="crack widths in pixels at --size (e.g. 1 3, as ~1 mm cracks are on "
+                             "the real data at 512 px) instead of the severity's millimetres")
     parser.add_argument("--segmented-fraction", type=float, default=SEGMENTED_FRACTION,
                         help=f"share of train studies with a segmentation (default {SEGMENTED_FRACTION}; "
                              "the real data: 0.04); at least 2 in a set of 8 or more")
@@ -48,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         specs = dataset_specs(args.studies, seed=args.seed, n_test=args.test_studies, size=args.size,
                               slice_spacing=args.slice_spacing, severity=args.severity,
-                              segmented_fraction=args.segmented_fraction)
+                              segmented_fraction=args.segmented_fraction,
+                              crack_px=args.crack_px)
     except ValueError as e:
         print(f"cspine-ray synth: {e}")
         return 2

@@ -93,14 +93,17 @@ def _draw_fractured(rng: np.random.Generator) -> tuple[str, ...]:
 
 def dataset_specs(n_train: int, seed: int = 0, n_test: int | None = None, size: int = 256,
                   slice_spacing: float = 1.0, severity: str = "subtle",
-                  segmented_fraction: float = SEGMENTED_FRACTION) -> list[StudySpec]:
+                  segmented_fraction: float = SEGMENTED_FRACTION,
+                  crack_px: tuple[float, float] | None = None) -> list[StudySpec]:
     """Specs of every study with images (train first, then test); deterministic in the arguments.
 
     Each train study is segmented with probability `segmented_fraction`; with 2 or more train
     studies at least one is, and with TRAINABLE_STUDIES or more at least MIN_SEGMENTED (the
     first unsegmented ones are topped up). Only which studies are segmented depends on the
     fraction: the images, labels and the other draws are the same for every fraction, and a
-    lower fraction's segmented studies are among a higher one's (before the top-up)."""
+    lower fraction's segmented studies are among a higher one's (before the top-up).
+    `crack_px` (lo, hi): crack widths in pixels at `size` (StudySpec.crack_px), also for the
+    studies drawn larger than `size`."""
     if n_train < 1:
         raise ValueError("need at least one train study")
     if seed < 0:
@@ -132,6 +135,8 @@ def dataset_specs(n_train: int, seed: int = 0, n_test: int | None = None, size: 
             signed=signed, bits_stored=bits,
             has_segmentation=split == "train" and bool(rng.random() < segmented_fraction),
             has_boxes=split == "train" and bool(fractured) and bool(rng.random() < BOXED_FRACTION),
+            crack_px=None if crack_px is None else (float(crack_px[0]), float(crack_px[1])),
+            crack_side=size if crack_px is not None else 0,
         ))
     wanted = MIN_SEGMENTED if n_train >= TRAINABLE_STUDIES else 1 if n_train >= 2 else 0
     missing = wanted - sum(s.has_segmentation for s in specs if s.split == "train")

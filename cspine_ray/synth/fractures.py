@@ -13,6 +13,8 @@ fractures of C3-C7.
 
 `subtle` cracks are ~1 mm wide with at most a 1-pixel step, wedges lose 15-25 % of the front
 height; `obvious` ones open >= 3 mm (and >= 1.5 px) with clear displacement or 35-50 % wedging.
+A dataset may draw the crack widths in pixels of its working resolution instead (`crack_px`,
+StudySpec), so that a low-resolution benchmark sees cracks as wide in pixels as the real data's.
 
 Distractors (never labelled as fractures): the basivertebral vein channel (a thin low-density
 Y at mid-height behind the body centre), nutrient foramina, anterior osteophytes and Schmorl's
@@ -66,11 +68,17 @@ class Severity:
     sclerosis_hu: float      # density of the impacted band under a depressed endplate
 
 
-def severity_params(name: str, pixel_mm: float, rng: np.random.Generator) -> Severity:
+def severity_params(name: str, pixel_mm: float, rng: np.random.Generator,
+                    gap_mm: tuple[float, float] | None = None) -> Severity:
+    """The study's fracture look. `gap_mm` (lo, hi): the crack width drawn from this range
+    instead of the severity's own (benchmarks that work at low resolution give cracks 1-3 of
+    their pixels wide, as the real data's ~1 mm cracks are at 512 px); a displaced fragment
+    of an obvious fracture moves by the gap, a subtle one by a pixel."""
     if name == "subtle":
-        return Severity(float(rng.uniform(0.8, 1.2)), pixel_mm, 0.6, (0.15, 0.25), 0.7, 140.0)
+        gap = float(rng.uniform(*(gap_mm or (0.8, 1.2))))
+        return Severity(gap, pixel_mm, 0.6, (0.15, 0.25), 0.7, 140.0)
     if name == "obvious":
-        gap = max(3.0, 1.5 * pixel_mm)
+        gap = float(rng.uniform(*gap_mm)) if gap_mm else max(3.0, 1.5 * pixel_mm)
         return Severity(gap, gap, 1.0, (0.35, 0.5), 1.6, 220.0)
     raise ValueError(f"severity must be one of {SEVERITIES}, got {name!r}")
 
@@ -351,10 +359,10 @@ BODY_LEVELS = ("C2", "C3", "C4", "C5", "C6", "C7", "T1", "T2")
 
 
 def plan_lesions(rng: np.random.Generator, dims: dict[str, VertebraDims], fractured: tuple[str, ...],
-                 severity: str, pixel_mm: float
+                 severity: str, pixel_mm: float, gap_mm: tuple[float, float] | None = None
                  ) -> tuple[dict[str, Modifiers], list[Fracture], list[Distractor]]:
     """Fractures for the `fractured` levels plus random look-alikes on the vertebral bodies."""
-    sev = severity_params(severity, pixel_mm, rng)
+    sev = severity_params(severity, pixel_mm, rng, gap_mm)
     margin = 1.0 + 0.5 * pixel_mm
     mods: dict[str, Modifiers] = {}
     fractures = []

@@ -41,6 +41,10 @@ class StudySpec:
     bits_stored: int = 12
     has_segmentation: bool = False
     has_boxes: bool = False
+    # crack widths (lo, hi) in pixels of a `crack_side`-pixel image of the field of view (the
+    # working resolution; 0 = this study's size) instead of the severity's millimetres
+    crack_px: tuple[float, float] | None = None
+    crack_side: int = 0
 
     def __post_init__(self):
         unknown = set(self.fractured) - set(VERTEBRAE)
@@ -48,6 +52,8 @@ class StudySpec:
             raise ValueError(f"fractured levels must be among {VERTEBRAE}, got {sorted(unknown)}")
         if self.signed and self.bits_stored != 16:
             raise ValueError("signed storage needs bits_stored 16 (HU up to 3071)")
+        if self.crack_px is not None and not 0 < self.crack_px[0] <= self.crack_px[1]:
+            raise ValueError(f"crack widths must be 0 < lo <= hi pixels, got {self.crack_px}")
 
     @property
     def targets(self) -> dict[str, int]:
@@ -122,7 +128,12 @@ def synth_study(spec: StudySpec) -> SynthStudy:
 
     canvas = Canvas(np.zeros((nz, spec.size, spec.size), dtype=np.float32),
                     np.zeros((nz, spec.size, spec.size), dtype=np.uint8), (dz, px, px), texture_rng)
-    mods, fractures, distractors = plan_lesions(lesion_rng, anatomy.dims, spec.fractured, spec.severity, px)
+    gap_mm = None
+    if spec.crack_px is not None:
+        working_px = fov / (spec.crack_side or spec.size)
+        gap_mm = (spec.crack_px[0] * working_px, spec.crack_px[1] * working_px)
+    mods, fractures, distractors = plan_lesions(lesion_rng, anatomy.dims, spec.fractured,
+                                                spec.severity, px, gap_mm)
     result = PaintResult()
     render_phantom(canvas, anatomy, mods, result)
 
