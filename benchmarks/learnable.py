@@ -1,14 +1,16 @@
 """A stage-2 option on the one generated set where stage 2 does learn: the learning test's.
 
     python benchmarks/learnable.py [--change "KEY=VALUE [KEY=VALUE ...]" | PRESET ...]
-                                   [--seeds 42 1 7 3] [--test-studies 200]
-                                   [--storage runs/learnable]
+                                   [--set obvious|subtle] [--seeds 42 1 7 3]
+                                   [--test-studies 200] [--storage runs/learnable]
 
 The quality sets (benchmarks/quality.py) sit at the prior whatever is switched on, so they
 cannot show whether an option helps a detector that learns. This runs the set and budget of
 tests/test_learning.py (96 studies at 64 px, every one segmented, obvious fractures, 2 folds;
 stage 1 20 epochs, stage 2 20 epochs, tiny backbones), where the thesis rules reach a patient
-AUC of 0.6-0.8, once per training seed with the test's budget and once with each --change
+AUC of 0.6-0.8 (`--set obvious`; `--set subtle`: the same studies with subtle fractures whose
+cracks are 1-3 pixels wide at the 64 px working resolution, as the real data's ~1 mm cracks are
+at 512 px), once per training seed with the test's budget and once with each --change
 on top of it (dotted TrainConfig keys, values as YAML: `sequence.step_loss=1.0`). The seed
 moves both stages; one seed's stage 1 is shared by all its arms. Prints every run and, per
 arm, quality.py's row over the seeds (mean ± sd): the OOF figures at the epoch chosen on the
@@ -42,6 +44,10 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 # the test's set, budget and data: one home
 from test_learning import BUDGET, SET, write_learning_shards  # noqa: E402
+
+# the training set and its held-out test set: the learning test's, or the same draws with
+# subtle fractures 1-3 working pixels wide
+SETS = {"obvious": SET, "subtle": {**SET, "severity": "subtle", "crack_px": (1.0, 3.0)}}
 
 
 # issue 29's changes, each an arm by name
@@ -78,8 +84,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="score through the out-of-fold calibrator (calibrate: true) instead of N")
     p.add_argument("--test-studies", type=int, default=200,
                    help="held-out test studies (generator seed %d; 0 = none)" % HELDOUT_SEED)
-    p.add_argument("--storage", type=Path, default=Path("runs/learnable"))
+    p.add_argument("--set", choices=SETS, default="obvious", dest="dataset",
+                   help="the training and held-out sets' fracture severity (default obvious: the "
+                        "learning test's)")
+    p.add_argument("--storage", type=Path, default=None,
+                   help="results and data (default runs/learnable, runs/learnable-subtle)")
     args = p.parse_args(argv)
+    if args.storage is None:
+        suffix = "" if args.dataset == "obvious" else f"-{args.dataset}"
+        args.storage = Path(f"runs/learnable{suffix}")
     args.arms = {"thesis rules (the test's budget)": {}}
     for change in args.change:
         if change in PRESETS:
@@ -96,7 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    start(args, f"learnable: the learning test's set, arms {list(args.arms)}, seeds {args.seeds}")
+    start(args, f"learnable: the learning test's set ({args.dataset}), arms {list(args.arms)}, "
+                f"seeds {args.seeds}")
     from cspine_ray.config import from_dict, set_dotted
     from cspine_ray.train.config import TrainConfig
     from cspine_ray.train.job import train
@@ -104,12 +118,12 @@ def main(argv: list[str] | None = None) -> int:
 
     data = args.storage / "shards"
     if not (data / "manifest.parquet").exists():  # generated and preprocessed once
-        write_learning_shards(args.storage, processes=2)
+        write_learning_shards(args.storage, processes=2, dataset=SETS[args.dataset])
     prior = evaluate_prior(data)["oof_metric"]
     print(f"constant prior: OOF metric {prior:.4f}")
     test = None
     if args.test_studies:
-        generator = {k: v for k, v in SET.items() if k not in ("studies", "seed")}
+        generator = {k: v for k, v in SETS[args.dataset].items() if k not in ("studies", "seed")}
         test = heldout_set(args.storage / f"heldout-{args.test_studies}", args.test_studies,
                            **generator)
         print(f"held-out test set: {len(test.labels)} studies, seed {HELDOUT_SEED}", flush=True)

@@ -40,19 +40,20 @@ BUDGET = {
 }
 
 
-def write_learning_shards(folder, processes: int = 1):
-    """SET generated into folder/rsna (every study segmented) and preprocessed into 2 folds in
-    folder/shards (also benchmarks/learnable.py's data); returns (shards, manifest)."""
+def write_learning_shards(folder, processes: int = 1, dataset: dict = SET):
+    """`dataset` (SET's keys, optionally crack_px) generated into folder/rsna (every study
+    segmented) and preprocessed into 2 folds in folder/shards (also benchmarks/learnable.py's
+    data); returns (shards, manifest)."""
     from cspine_ray.preprocess.config import PreprocessConfig
     from cspine_ray.preprocess.pipeline import run_preprocess
     from cspine_ray.synth import dataset_specs, write_dataset
 
-    specs = dataset_specs(SET["studies"], seed=SET["seed"], n_test=0, size=SET["size"],
-                          slice_spacing=SET["slice_spacing"], severity=SET["severity"])
+    generator = {k: v for k, v in dataset.items() if k not in ("studies", "seed")}
+    specs = dataset_specs(dataset["studies"], seed=dataset["seed"], n_test=0, **generator)
     specs = [dataclasses.replace(s, has_segmentation=True) for s in specs]
     write_dataset(folder / "rsna", specs, processes=processes)
     out = folder / "shards"
-    return out, run_preprocess(folder / "rsna", out, PreprocessConfig(size=SET["size"], n_folds=2))
+    return out, run_preprocess(folder / "rsna", out, PreprocessConfig(size=dataset["size"], n_folds=2))
 
 
 @pytest.fixture(scope="module")

@@ -241,3 +241,62 @@ def test_neighbour_steps_need_a_neighbour_offset_and_a_known_layout():
         build_config({"family": "two_stage", "sequence": {"steps": "neighbors"}}, {})
     assert build_config({"family": "two_stage", "sequence": {"steps": "neighbours"}},
                         {}).sequence.steps == "neighbours"
+
+
+def test_mix_batch_blends_crops_ratios_and_labels_and_keeps_only_shared_steps():
+    from cspine_ray.train.tasks.two_stage import mix_batch
+
+    b = batch()
+    b["image"] = torch.arange(1.0, 4.0)[:, None, None, None, None].expand(3, 2, 6, 4, 4).clone()
+    b["step_label"] = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
+    b["step_known"] = torch.tensor([True, True, False])
+    b["step_mask"] = torch.tensor([[True, True], [True, False], [True, True]])
+    b["found"] = torch.tensor([True, False, True])
+    image, mixed = mix_batch(b["image"], b, 0.75, torch.tensor([2, 0, 1]))
+    # sample 0 with 2, 1 with 0, 2 with 1; images 1, 2, 3
+    assert image[:, 0, 0, 0, 0].tolist() == [0.75 * 1 + 0.25 * 3, 0.75 * 2 + 0.25 * 1, 0.75 * 3 + 0.25 * 2]
+    assert mixed["label"].tolist() == [1.0, 0.25, 0.75]
+    torch.testing.assert_close(mixed["ratio"], torch.tensor([[0.4, 0.675], [0.425, 0.6], [0.875, 0.125]]))
+    assert mixed["step_label"].tolist() == [[1.0, 0.25], [0.25, 0.0], [0.75, 0.75]]
+    assert mixed["found"].tolist() == [True, False, False]
+    assert mixed["step_known"].tolist() == [False, True, False]
+    assert mixed["step_mask"].tolist() == [[True, True], [True, False], [True, False]]
+    assert torch.equal(mixed["vertebra"], b["vertebra"])  # each sample keeps its own vertebra
+    assert b["label"].tolist() == [1.0, 0.0, 1.0]         # the loader's batch untouched
+
+
+def test_mixup_draws_a_major_part_and_a_partner_from_the_generator():
+    from cspine_ray.train.tasks.two_stage import draw_mix
+
+    draws = [draw_mix(5, 0.4, torch.Generator().manual_seed(s)) for s in range(20)]
+    assert all(0.5 <= lam <= 1.0 for lam, _ in draws)
+    assert all(sorted(p.tolist()) == [0, 1, 2, 3, 4] for _, p in draws)
+    assert len({round(lam, 6) for lam, _ in draws}) == 20       # a new blend each batch
+    again = draw_mix(5, 0.4, torch.Generator().manual_seed(3))
+    assert again[0] == draws[3][0] and torch.equal(again[1], draws[3][1])
+
+
+def test_mixup_trains_on_the_blend_with_soft_weighted_labels():
+    from cspine_ray.train.tasks.two_stage import draw_mix
+
+    logits = [2.0, -1.0, 0.5]
+    b = batch()
+    lam, partner = draw_mix(3, 0.4, torch.Generator().manual_seed(3))  # partners 1, 2, 0
+    model = Recorder(logits)
+    # augment off, so the blend is all that happens to the crops
+    cfg = build_config({"family": "two_stage", "input": {"windows": ["bone", "soft"]},
+                        "sequence": {"mixup": 0.4},
+                        "augment": {"enabled": False}}, {})
+    t = make_task("two_stage", cfg, JobData(shards_dir="", uids=[], folds={}, labels={},
+                                             segmented=set()))
+    loss = t.loss(model, b, torch.Generator().manual_seed(3))
+    y = [1.0, 0.0, 1.0]
+    soft = [lam * y[i] + (1 - lam) * y[int(partner[i])] for i in range(3)]
+    assert sum(0 < s < 1 for s in soft) == 2  # two blends of a fracture and an intact vertebra
+    weights = [1 + s for s in soft]  # negative 1, positive 2, in between on a blend
+    expected = sum(bce(z, s, w) for z, s, w in zip(logits, soft, weights)) / sum(weights)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    torch.testing.assert_close(model.seen, lam * b["image"] + (1 - lam) * b["image"][partner])
+    assert t.model_spec() == task().model_spec()  # the model itself is unchanged
+    with pytest.raises(Exception, match="sequence.mixup"):
+        build_config({"family": "two_stage", "sequence": {"mixup": -1}}, {})

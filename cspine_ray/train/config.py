@@ -146,6 +146,9 @@ class SequenceConfig:
     # fractured vertebrae repeated in each training epoch until they are about this fraction of
     # its samples (about 5-10% otherwise); 0 = off
     balance: float = 0.0
+    # mixup: each training sample blended with another of its batch by lambda ~ Beta(a, a)
+    # (crops, ratio plane and labels alike); a = this value, 0 = off
+    mixup: float = 0.0
 
     def in_chans(self, windows: int) -> int:
         """Channels of one 2.5D step: per_step slices per window, and the ratio plane."""
@@ -170,6 +173,8 @@ class SequenceConfig:
                              f"got {self.step_target!r}")
         if not 0 <= self.balance < 1:
             raise ValueError(f"sequence.balance must be in [0, 1) (0 = off), got {self.balance}")
+        if not self.mixup >= 0:
+            raise ValueError(f"sequence.mixup must be >= 0 (0 = off), got {self.mixup}")
 
 
 @dataclass

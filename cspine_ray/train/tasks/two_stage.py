@@ -13,7 +13,8 @@ learnt this CT's bone on the same training studies (never the fold's own), for t
 no ImageNet weights to start from. With `step_loss` > 0 a step head learns which steps show the
 fracture from the fracture boxes' slices (weighted into the loss; prediction ignores it).
 `step_target: label` trains the step head on the vertebra's label instead (every step). With
-`balance` the fractured vertebrae are repeated in each training epoch.
+`balance` the fractured vertebrae are repeated in each training epoch. With `mixup` > 0 each
+training sample is blended with another of its batch (`draw_mix`, `mix_batch`).
 With `steps: neighbours` each step is a centre slice and its true neighbours, and the padding
 steps of a short vertebra are masked out of the sequence head, the attention and the step loss.
 """
@@ -99,6 +100,8 @@ class TwoStageTask(Task):
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
         s = self.cfg.sequence
         image = augment_batch(batch["image"], self.cfg.augment, generator)
+        if s.mixup > 0:
+            image, batch = mix_batch(image, batch, *draw_mix(len(image), s.mixup, generator))
         if s.step_loss > 0:
             logits, steps = self._forward(model, image, batch, return_steps=True)
         else:
@@ -142,6 +145,31 @@ class TwoStageTask(Task):
                 if f:  # not found: keep the prior
                     probs[uid][v] = pi
         return pd.DataFrame.from_dict(probs, orient="index", columns=list(VERTEBRAE))
+
+
+def draw_mix(n: int, alpha: float, generator: torch.Generator) -> tuple[float, torch.Tensor]:
+    """One batch's mixup draw: lambda ~ Beta(alpha, alpha) folded to [0.5, 1] (each sample stays
+    the larger part of its blend, so its vertebra embedding still names it) and the partner of
+    each sample (a permutation of the n), both from the training generator."""
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    lam = float(np.random.default_rng(seed).beta(alpha, alpha))
+    return max(lam, 1.0 - lam), torch.randperm(n, generator=generator)
+
+
+def mix_batch(image: torch.Tensor, batch: dict, lam: float,
+              partner: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Sample i blended with sample partner[i]: crops, ratio plane and the vertebra and step
+    labels by lam (soft labels); a sample counts as found, and its steps as known and real, only
+    where both parts are (padding comes last, so step 0 stays real)."""
+    partner = partner.to(image.device)
+    mixed = dict(batch)
+    for key in ("ratio", "label", "step_label"):
+        if key in batch:
+            mixed[key] = lam * batch[key] + (1 - lam) * batch[key][partner]
+    for key in ("found", "step_known", "step_mask"):
+        if key in batch:
+            mixed[key] = batch[key] & batch[key][partner]
+    return lam * image + (1 - lam) * image[partner], mixed
 
 
 def load_stage1_backbone(backbone: nn.Module, stage1_dir: str | None, fold: int) -> None:
