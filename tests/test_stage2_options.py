@@ -300,3 +300,76 @@ def test_mixup_trains_on_the_blend_with_soft_weighted_labels():
     assert t.model_spec() == task().model_spec()  # the model itself is unchanged
     with pytest.raises(Exception, match="sequence.mixup"):
         build_config({"family": "two_stage", "sequence": {"mixup": -1}}, {})
+
+
+def test_study_batches_hold_whole_studies_in_a_seeded_order():
+    from cspine_ray.datasets.sequences import study_batches
+
+    samples = [(u, v) for u in ("1.1", "1.2", "1.3") for v in range(7)]
+    batches = study_batches(samples, 16, seed=4)  # 16 // 7 = 2 studies a batch
+    assert [len(b) for b in batches] == [14, 7]
+    assert sorted(i for b in batches for i in b) == list(range(21))
+    for b in batches:
+        studies = {samples[i][0] for i in b}
+        assert all(sum(samples[i][0] == u for i in b) == 7 for u in studies)
+    orders = {tuple(samples[b[0]][0] for b in study_batches(samples, 7, seed=s)) for s in range(20)}
+    assert len(orders) > 1 and study_batches(samples, 7, 4) == study_batches(samples, 7, 4)
+    assert [len(b) for b in study_batches(samples, 3, 0)] == [7, 7, 7]  # at least one study
+
+
+def test_patient_loss_trains_the_top_n_rule_on_patient_overall():
+    from cspine_ray.train.tasks.two_stage import patient_log_probs
+
+    # two studies, their vertebrae in mixed order: study 1.1 fractured (patient 1), 1.2 not
+    labels = {"1.1": np.array([0, 1, 0, 0, 0, 0, 0, 1], np.float32),
+              "1.2": np.zeros(8, np.float32)}
+    uids = ["1.2"] * 7 + ["1.1"] * 7
+    vertebrae = [6, 5, 4, 3, 2, 1, 0] + list(range(7))
+    logits = [-2.0, -1.0, 0.0, 1.0, -3.0, -0.5, 0.5, 2.0, -1.5, -2.5, 0.3, -0.2, -4.0, 1.2]
+    data = JobData(shards_dir="", uids=list(labels), folds={"1.1": 0, "1.2": 1}, labels=labels,
+                   segmented=set())
+    b = {"image": torch.rand(14, 2, 3, 4, 4), "uid": uids, "vertebra": torch.tensor(vertebrae),
+         "label": torch.tensor([float(labels[u][v]) for u, v in zip(uids, vertebrae)]),
+         "found": torch.ones(14, dtype=torch.bool), "ratio": torch.ones(14, 2)}
+
+    def top_n_patient(zs, n):  # by hand: 1 - prod over the n highest of (1 - sigmoid)
+        ps = sorted((1 / (1 + math.exp(-z)) for z in zs), reverse=True)[:n]
+        return 1 - math.prod(1 - p for p in ps)
+
+    for n in (7, 2):
+        cfg = build_config({"family": "two_stage", "top_n": n,
+                            "sequence": {"patient_loss": 0.5}}, {})
+        on = make_task("two_stage", cfg, data).loss(Recorder(logits), b, torch.Generator())
+        off = make_task("two_stage", build_config({"family": "two_stage", "top_n": n}, {}),
+                        data).loss(Recorder(logits), b, torch.Generator())
+        p_fractured, p_intact = top_n_patient(logits[7:], n), top_n_patient(logits[:7], n)
+        patient = (14 * -math.log(p_fractured) + 7 * -math.log(1 - p_intact)) / (14 + 7)
+        assert on.item() == pytest.approx(off.item() + 0.5 * patient, rel=1e-5), n
+    # confident logits stay finite, in value and gradient
+    z = torch.tensor([[-40.0] * 7, [40.0] * 7], requires_grad=True)
+    log_p, log_q = patient_log_probs(z, 7)
+    (log_p[0] + log_q[1] + log_p[1] + log_q[0]).backward()
+    assert torch.isfinite(log_p).all() and torch.isfinite(log_q).all() and torch.isfinite(z.grad).all()
+    assert log_p[1].item() == pytest.approx(0.0, abs=1e-6) and log_q[0].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_patient_loss_batches_whole_studies_and_refuses_what_splits_them():
+    from cspine_ray.config import ConfigError
+
+    labels = {f"1.{i}": np.zeros(8, np.float32) for i in range(4)}
+    tables = {u: np.zeros((20, 11), np.float32) for u in labels}
+    data = JobData(shards_dir="", uids=list(labels), folds={u: 0 for u in labels}, labels=labels,
+                   segmented=set(), slice_tables=tables)
+    cfg = build_config({"family": "two_stage", "optim": {"batch_size": 14},
+                        "input": {"loader_workers": 0}, "sequence": {"patient_loss": 1.0}}, {})
+    t = make_task("two_stage", cfg, data)
+    ds = t.train_dataset(list(labels), epoch=0, fold=0)
+    sampler = t.loader(ds, train=True, device=torch.device("cpu"), seed=1).batch_sampler
+    assert [len(b) for b in sampler] == [14, 14]
+    assert all(len({ds.samples[i][0] for i in b}) == 2 for b in sampler)
+    plain = task().loader(ds, train=True, device=torch.device("cpu"), seed=1)
+    assert plain.batch_size == 8  # the default loader otherwise
+    assert t.loader(ds, train=False, device=torch.device("cpu")).batch_size == 14
+    for other in ({"balance": 0.3}, {"mixup": 0.4}):
+        with pytest.raises(ConfigError, match="patient_loss"):
+            build_config({"family": "two_stage", "sequence": {"patient_loss": 1.0, **other}}, {})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import json
 import os
 import signal
@@ -230,6 +232,23 @@ def test_init_from_stage1_starts_each_fold_from_its_own_folds_stage1_backbone(ti
             tiny("two_stage", **{"sequence.init_from_stage1": True, **wider})
     with pytest.raises(ValueError, match="one backbone for both stages"):
         tiny("two_stage", **{"sequence.init_from_stage1": True, "stage1.backbone": "test_convnext"})
+
+
+def test_a_patient_term_trains_an_epoch_of_whole_study_batches(tiny_shards, storage, ray_local):
+    from cspine_ray.train.loop import FoldRun
+
+    stage1 = ensure_stage1(tiny("two_stage"), tiny_shards, storage)
+    data = JobData.load(tiny_shards, stage1.path)
+    cfg = tiny("two_stage", **{"sequence.patient_loss": 1.0, "optim.batch_size": 14})
+    run = FoldRun(make_task("two_stage", cfg, data), 0, torch.device("cpu"))
+    seen = []
+    loss = run.task.loss
+    run.task.loss = lambda model, batch, g: seen.append(list(batch["uid"])) or loss(model, batch, g)
+    figures = run.train_epoch(0)
+    assert math.isfinite(figures["train_loss"]) and seen
+    for uids in seen:  # every batch: whole studies, two of them (or the last one alone)
+        assert all(uids.count(u) == 7 for u in set(uids)) and len(set(uids)) in (1, 2)
+    assert sorted({u for uids in seen for u in uids}) == sorted(run.train_uids)
 
 
 def test_ema_weights_are_the_warmed_up_average_of_every_step_and_what_validation_keeps(

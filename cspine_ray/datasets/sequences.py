@@ -238,6 +238,21 @@ def balance_samples(samples: Sequence[tuple[str, int]], labels: Mapping[str, np.
     return [s for s, pos in zip(samples, positive) for _ in range(k if pos else 1)]
 
 
+def study_batches(samples: Sequence[tuple[str, int]], batch_size: int,
+                  seed: int) -> list[list[int]]:
+    """Batches of whole studies for a patient-level loss: the sample indices grouped by study
+    (first appearance), the studies shuffled by `seed`, max(1, batch_size // 7) studies a batch
+    (the last batch may hold fewer)."""
+    groups: dict[str, list[int]] = {}
+    for i, (uid, _) in enumerate(samples):
+        groups.setdefault(uid, []).append(i)
+    studies = list(groups.values())
+    order = np.random.default_rng(seed).permutation(len(studies))
+    per_batch = max(1, batch_size // N_VERTEBRAE)
+    return [[i for k in order[start : start + per_batch] for i in studies[k]]
+            for start in range(0, len(studies), per_batch)]
+
+
 def box_to_pixels(box: tuple[float, float, float, float], height: int,
                   width: int) -> tuple[int, int, int, int]:
     """Normalised (x0, y0, x1, y1) -> pixel (y0, y1, x0, x1), end exclusive, at least 1 pixel."""

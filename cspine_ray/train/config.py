@@ -149,6 +149,10 @@ class SequenceConfig:
     # mixup: each training sample blended with another of its batch by lambda ~ Beta(a, a)
     # (crops, ratio plane and labels alike); a = this value, 0 = off
     mixup: float = 0.0
+    # weight of a patient term in the loss: training batches hold whole studies (all seven
+    # vertebrae), and the top-N rule applied to their vertebra logits learns patient_overall
+    # (with its metric weight); 0 = off
+    patient_loss: float = 0.0
 
     def in_chans(self, windows: int) -> int:
         """Channels of one 2.5D step: per_step slices per window, and the ratio plane."""
@@ -175,6 +179,12 @@ class SequenceConfig:
             raise ValueError(f"sequence.balance must be in [0, 1) (0 = off), got {self.balance}")
         if not self.mixup >= 0:
             raise ValueError(f"sequence.mixup must be >= 0 (0 = off), got {self.mixup}")
+        if not self.patient_loss >= 0:
+            raise ValueError(f"sequence.patient_loss must be >= 0 (0 = off), got {self.patient_loss}")
+        if self.patient_loss and (self.balance or self.mixup):
+            raise ValueError("sequence.patient_loss trains on whole studies; sequence.balance "
+                             "(repeated vertebrae) and sequence.mixup (blends across studies) "
+                             "break them up: use one or the other")
 
 
 @dataclass

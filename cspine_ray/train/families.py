@@ -55,7 +55,8 @@ UNKEYED = ("input.loader_workers",)
 # while they hold their default, so a result trained before they existed keeps its key.
 LATER_SETTINGS = ("augment.vflip_p", "augment.transpose_p", "augment.whole_pixel_shift",
                   "augment.noise", "augment.noise_p", "sequence.steps", "optim.ema",
-                  "sequence.step_target", "sequence.balance", "sequence.mixup")
+                  "sequence.step_target", "sequence.balance", "sequence.mixup",
+                  "sequence.patient_loss")
 
 
 def family(name: str) -> Family:

@@ -14,7 +14,9 @@ no ImageNet weights to start from. With `step_loss` > 0 a step head learns which
 fracture from the fracture boxes' slices (weighted into the loss; prediction ignores it).
 `step_target: label` trains the step head on the vertebra's label instead (every step). With
 `balance` the fractured vertebrae are repeated in each training epoch. With `mixup` > 0 each
-training sample is blended with another of its batch (`draw_mix`, `mix_batch`).
+training sample is blended with another of its batch (`draw_mix`, `mix_batch`). With
+`patient_loss` > 0 training batches hold whole studies and the top-N rule over each study's
+seven vertebra logits is trained on patient_overall (`patient_log_probs`).
 With `steps: neighbours` each step is a centre slice and its true neighbours, and the padding
 steps of a short vertebra are masked out of the sequence head, the attention and the step loss.
 """
@@ -27,11 +29,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 
-from cspine_ray import VERTEBRAE
+from cspine_ray import N_VERTEBRAE, VERTEBRAE
 from cspine_ray.datasets import VertebraSequenceDataset, augment_batch
-from cspine_ray.datasets.sequences import balance_samples
+from cspine_ray.datasets.sequences import balance_samples, study_batches
+from cspine_ray.metric import WEIGHTS
 from cspine_ray.train.losses import weighted_bce
 from cspine_ray.train.tasks.base import Task, autocast, to_device
 
@@ -78,6 +83,15 @@ class TwoStageTask(Task):
                                               self.cfg.sequence.balance)
         return dataset
 
+    def loader(self, dataset, train: bool, device: torch.device, seed: int = 0) -> DataLoader:
+        """With a patient term, training batches of whole studies (`study_batches`)."""
+        if not (train and self.cfg.sequence.patient_loss):
+            return super().loader(dataset, train, device, seed)
+        return DataLoader(dataset, batch_sampler=study_batches(dataset.samples,
+                                                               self.optim().batch_size, seed),
+                          num_workers=self.cfg.input.loader_workers,
+                          pin_memory=device.type == "cuda")
+
     def _forward(self, model: nn.Module, image: torch.Tensor, batch: dict,
                  return_steps: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B,) of (B, L, C, S, S) crops (and the step logits (B, L)); the ratio plane
@@ -115,7 +129,25 @@ class TwoStageTask(Task):
             if (mask := self._step_mask(batch)) is not None:  # padding steps teach nothing
                 steps, targets = steps[mask[known]], targets[mask[known]]
             loss = loss + s.step_loss * weighted_bce(steps, targets)
+        if s.patient_loss:
+            loss = loss + s.patient_loss * self._patient_loss(logits, batch)
         return loss
+
+    def _patient_loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        """patient_overall's weighted BCE (the metric's 7 / 14) of the top-N rule over each
+        study's seven vertebra logits; the batch holds whole studies (`study_batches`)."""
+        uids = list(dict.fromkeys(batch["uid"]))
+        row = torch.tensor([uids.index(u) for u in batch["uid"]], device=logits.device)
+        table = logits.float().new_zeros(len(uids), N_VERTEBRAE)
+        table[row, batch["vertebra"].to(logits.device)] = logits.float()
+        if torch.bincount(row, minlength=len(uids)).ne(N_VERTEBRAE).any():
+            raise ValueError("the patient loss needs all seven vertebrae of each study in a batch")
+        log_p, log_q = patient_log_probs(table, self.cfg.effective_top_n)
+        y = torch.tensor([float(self.data.labels[u][N_VERTEBRAE]) for u in uids],
+                         device=logits.device)
+        neg, pos = WEIGHTS["patient_overall"]
+        w = neg + (pos - neg) * y
+        return (w * -torch.where(y > 0.5, log_p, log_q)).sum() / w.sum()
 
     def _probabilities(self, model: nn.Module, batch: dict) -> torch.Tensor:
         p = torch.sigmoid(self._forward(model, batch["image"], batch).float())
@@ -145,6 +177,15 @@ class TwoStageTask(Task):
                 if f:  # not found: keep the prior
                     probs[uid][v] = pi
         return pd.DataFrame.from_dict(probs, orient="index", columns=list(VERTEBRAE))
+
+
+def patient_log_probs(logits: torch.Tensor, top_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, 7) vertebra logits -> (log p, log(1 - p)) of the top-N rule's patient probability
+    p = 1 - prod over the N highest of (1 - sigmoid(z)), stable for confident logits."""
+    log_q = F.logsigmoid(-logits.topk(top_n, dim=-1).values).sum(-1)  # log prod (1 - p_v)
+    x = log_q.clamp(max=-1e-7)  # p >= 1e-7: both branches finite, so no NaN gradient either
+    log_p = torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    return log_p, log_q
 
 
 def draw_mix(n: int, alpha: float, generator: torch.Generator) -> tuple[float, torch.Tensor]:
