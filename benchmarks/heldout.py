@@ -9,8 +9,9 @@ A result predicts the set as it would be promoted (`predict.Ensemble`: every fol
 averaged, its stage 1 included, its own patient rule). Besides the metric, its ratio to the
 constant prior (the training studies' prevalences, as a promoted model without skill would
 answer) and the patient and pooled vertebra AUCs, the generator's `synth_truth.csv` breaks the
-vertebra AUC down by fracture kind (that kind's fractured vertebrae against every intact one)
-and gives the look-alike false-positive rate: the share of intact vertebrae carrying a look-alike
+vertebra AUC down by fracture kind, within level (each fractured vertebra of that kind against
+the intact vertebrae of its own level, the pairs pooled over levels: a model's scores differ by
+level, and a kind that falls on levels scored low would otherwise look missed) and gives the look-alike false-positive rate: the share of intact vertebrae carrying a look-alike
 (vein channel, foramen, osteophyte, Schmorl node) that score above the threshold flagging 90% of
 the fractured vertebrae.
 """
@@ -91,9 +92,10 @@ def score_heldout(preds: pd.DataFrame, test: HeldoutSet, prior: np.ndarray) -> d
     levels = [(u, v) for u in test.labels.index for v in VERTEBRAE]  # the order of y and p
     score, label = dict(zip(levels, p)), dict(zip(levels, y))
     cervical = test.truth[test.truth["level"].isin(VERTEBRAE)]  # look-alikes reach T1-T2 too
-    intact = p[y < 0.5]
+    intact = {v: preds.loc[test.labels[v] < 0.5, v].to_numpy() for v in VERTEBRAE}
     for kind, rows in cervical[cervical["fracture"] == 1].groupby("kind"):
-        figures[f"auc_kind_{kind}"] = _auc([score[k] for k in _levels(rows)], intact)
+        figures[f"auc_kind_{kind}"] = _within_level_auc(
+            [(score[k], intact[k[1]]) for k in _levels(rows)])
     looks = {k for k in _levels(cervical[cervical["fracture"] == 0]) if label[k] < 0.5}
     fooling = [score[k] for k in sorted(looks)]
     threshold = np.quantile(p[y > 0.5], 1 - SENSITIVITY) if (y > 0.5).any() else math.nan
@@ -104,6 +106,14 @@ def score_heldout(preds: pd.DataFrame, test: HeldoutSet, prior: np.ndarray) -> d
 
 def _levels(rows: pd.DataFrame) -> list[tuple[str, str]]:
     return list(zip(rows["StudyInstanceUID"], rows["level"]))
+
+
+def _within_level_auc(pairs: list[tuple[float, np.ndarray]]) -> float:
+    """(positive's score, the intact scores of its level) for each positive -> the share of
+    positive-intact pairs (ties half) that the positive wins; nan without pairs."""
+    wins = sum(float((neg < s).sum() + 0.5 * (neg == s).sum()) for s, neg in pairs)
+    total = sum(len(neg) for _, neg in pairs)
+    return wins / total if total else math.nan
 
 
 def _auc(positive, negative) -> float:
