@@ -192,9 +192,10 @@ def draw_mix(n: int, alpha: float, generator: torch.Generator) -> tuple[float, t
     """One batch's mixup draw: lambda ~ Beta(alpha, alpha) folded to [0.5, 1] (each sample stays
     the larger part of its blend, so its vertebra embedding still names it) and the partner of
     each sample (a permutation of the n), both from the training generator."""
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    device = generator.device  # the loop's generator lives on the training device
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device))
     lam = float(np.random.default_rng(seed).beta(alpha, alpha))
-    return max(lam, 1.0 - lam), torch.randperm(n, generator=generator)
+    return max(lam, 1.0 - lam), torch.randperm(n, generator=generator, device=device)
 
 
 def mix_batch(image: torch.Tensor, batch: dict, lam: float,
