@@ -49,16 +49,16 @@ def step_main(module_name: str, description: str, argv: list[str] | None = None,
 
     try:
         return int(module.run(args) or 0)
-    except (PlacementError, LayoutError, ConfigError) as e:
-        # a request the cluster can never hold, an input file nothing can be read from, a
-        # setting that cannot be: one line that says why (the file or key), no traceback
+    except (PlacementError, LayoutError, ConfigError, FileNotFoundError) as e:
+        # a request the cluster can never hold, an input file nothing can be read from or that
+        # is not there, a setting that cannot be: one line that says why (the file or key)
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
 
 
 def usage() -> str:
-    lines = ["usage: cspine-ray STEP [options]   (cspine-ray STEP --help for a step's options)", "",
-             "steps:"]
+    lines = ["usage: cspine-ray STEP [options]   (cspine-ray STEP --help for a step's options)",
+             "       cspine-ray --version", "", "steps:"]
     lines += [f"  {name:<12}{help_text}" for name, (_, help_text) in STEPS.items()]
     return "\n".join(lines)
 
@@ -68,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from cspine_ray import __version__
+
+        print(f"cspine-ray {__version__}")
+        return 0
     if argv[0] not in STEPS:
         print(f"cspine-ray: unknown step {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         return 2

@@ -9,24 +9,32 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import cspine_ray
-
 DEFAULT_SPACE = "demo.yaml"
+# the shipped search spaces: package data, so an installed cspine-ray finds them from any folder
+# (the checkout's top-level search_spaces/ is a link to this folder)
+SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
 
 
 def find_space(value: str | None) -> Path:
-    """A search-space path as given, or a file of the project's search_spaces/ folder."""
+    """A search-space file as given; else, for a bare name (`laptop`, `laptop.yaml`) or one
+    under search_spaces/ as the README writes it, the shipped space of that name."""
     name = value or DEFAULT_SPACE
-    candidates = [Path(name), Path("search_spaces") / name,
-                  Path(cspine_ray.__file__).resolve().parents[1] / "search_spaces" / name]
+    given = Path(name)
+    candidates = [given]
+    if given.parent in (Path("."), Path("search_spaces")):
+        candidates += [SPACES_DIR / given.name, SPACES_DIR / f"{given.name}.yaml"]
     for path in candidates:
         if path.is_file():
             return path
-    raise FileNotFoundError(f"search space {name!r} not found (looked in {', '.join(map(str, candidates))})")
+    shipped = ", ".join(sorted(p.stem for p in SPACES_DIR.glob("*.yaml")))
+    raise FileNotFoundError(f"search space {name!r} not found (looked in "
+                            f"{', '.join(map(str, candidates))}; shipped: {shipped})")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--space", help="search-space YAML (default: search_spaces/demo.yaml)")
+    parser.add_argument("--space", help="search-space YAML, or the name of a shipped one "
+                                        "(demo, laptop, laptop_families, two_stage, families; "
+                                        "default: demo)")
     data = parser.add_mutually_exclusive_group()
     data.add_argument("--data", help="RSNA layout root; preprocessed on the fly (and reused)")
     data.add_argument("--shards", help="an already preprocessed shard folder")
