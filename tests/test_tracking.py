@@ -62,3 +62,18 @@ def test_a_search_stopped_by_hand_leaves_no_run_running_and_resume_reopens_it(tm
     assert runs["t1"].info.status == "RUNNING"        # not touched: its own hook ends it
     assert runs["parent"].info.status == "FAILED"     # no trial reached a final result
     assert runs["parent"].data.tags["trials_interrupted"] == "0"
+
+
+def test_experiments_open_as_model_training_in_the_mlflow_ui(tmp_path):
+    from cspine_ray.tune.tracking import get_or_create_experiment
+
+    client = MlflowClient(sqlite_uri(tmp_path / "mlflow.db"))
+    new = get_or_create_experiment(client, "cspine-new", tmp_path / "art")
+    assert client.get_experiment(new).tags["mlflow.experimentKind"] == "custom_model_development"
+    # one made before the kind existed gets it; one a user marked otherwise keeps theirs
+    old = client.create_experiment("cspine-old")
+    assert get_or_create_experiment(client, "cspine-old", None) == old
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+    mine = client.create_experiment("mine", tags={"mlflow.experimentKind": "genai_development"})
+    get_or_create_experiment(client, "mine", None)
+    assert client.get_experiment(mine).tags["mlflow.experimentKind"] == "genai_development"

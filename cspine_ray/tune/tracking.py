@@ -50,12 +50,22 @@ def code_version() -> str:
     return f"{cspine_ray.__version__}+{commit}" if commit else cspine_ray.__version__
 
 
+# MLflow's UI opens an experiment by its kind; without one, MLflow 3 shows a search as a GenAI
+# project (a traces overview) instead of its training runs
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def get_or_create_experiment(client, name: str, artifact_root: Path | None) -> str:
+    """The experiment's id, created (marked as model training) if it does not exist; an
+    existing one without a kind (made by an older version) is marked too."""
+    key, kind = EXPERIMENT_KIND
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if key not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, key, kind)
         return exp.experiment_id
     location = artifact_root.resolve().joinpath(name).as_uri() if artifact_root else None
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags={key: kind})
 
 
 def numeric_metrics(result: dict) -> dict[str, float]:
