@@ -295,3 +295,16 @@ def test_a_calibrated_trial_is_scored_cross_fitted_and_promoted_with_its_calibra
     assert Calibrator.from_dict(info["calibrator"]) == fit_result_calibrator(result, shards)
     model = mlflow.pyfunc.load_model(str(local))
     assert model.unwrap_python_model().ensemble.calibrator == fit_result_calibrator(result, shards)
+
+
+def test_a_search_in_which_no_trial_finishes_exits_non_zero(tiny_shards, tmp_path, capsys):
+    # the shards' volumes damaged after preprocessing (a disk fault): every trial fails reading
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    for volume in shards.glob("studies/*/volume.npy"):
+        volume.write_bytes(volume.read_bytes()[:200])
+    space = write_space(tmp_path / "broken.yaml", 1, {"top_n": {"type": "int", "low": 1, "high": 7}})
+    rc = main(["tune", "--space", str(space), "--shards", str(shards), "--storage",
+               str(tmp_path / "runs"), "--experiment", "cspine-broken"])
+    assert rc == 1
+    assert "no trial of search" in capsys.readouterr().err

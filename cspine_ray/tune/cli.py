@@ -7,6 +7,7 @@ search_spaces/demo.yaml runs on a local Ray, tracked in runs/mlflow.db.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 DEFAULT_SPACE = "demo.yaml"
@@ -108,6 +109,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nMLflow experiment {opts.experiment!r} at {tracking_uri}")
     if tracking_uri.startswith("sqlite"):
         print(f"open the UI:  mlflow ui --backend-store-uri {tracking_uri}")
+    if not finished:  # nothing to promote: a failed search must not look like a finished one
+        print(f"cspine-ray tune: no trial of search {name} finished; each trial's error is in "
+              f"its MLflow run (tag `error`) and under {storage}", file=sys.stderr)
+        return 1
     print(f"promote the best: python -m cspine_ray.promote --tracking-uri {tracking_uri} "
           f"--experiment {opts.experiment}")
     return 0
