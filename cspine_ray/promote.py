@@ -218,19 +218,24 @@ def patient_rule(info: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow tracking URI (default: sqlite:///runs/mlflow.db)")
+                        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the last "
+                             "search started from this folder, else sqlite:///runs/mlflow.db)")
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--experiment", help="promote this experiment's best finished trial")
+    which.add_argument("--experiment", help="promote this experiment's best finished trial "
+                                            "(default: the last search's from this folder)")
     which.add_argument("--run-id", help="promote this trial run")
     parser.add_argument("--name", default=DEFAULT_NAME, help=f"registered model name (default {DEFAULT_NAME})")
     parser.add_argument("--force", action="store_true", help="move the champion alias even if not better")
 
 
 def run(args: argparse.Namespace) -> int:
-    from cspine_ray.runtime import sqlite_uri
+    from cspine_ray.runtime import resolve_tracking
 
-    uri = args.tracking_uri or sqlite_uri(Path("runs") / "mlflow.db")
-    p = promote(uri, experiment=args.experiment, run_id=args.run_id, name=args.name, force=args.force)
+    tracking = resolve_tracking(args.tracking_uri)
+    experiment = args.experiment or (None if args.run_id else tracking.experiment)
+    print(f"MLflow: {tracking.uri} ({tracking.source})")
+    p = promote(tracking.uri, experiment=experiment, run_id=args.run_id, name=args.name,
+                force=args.force)
     verdict = "promoted to @champion" if p.promoted else "registered, NOT promoted"
     print(f"{p.name} version {p.version} (run {p.run_id}, cv_metric {p.cv_metric:.4f}): {verdict}")
     print(f"  why: {p.reason}")

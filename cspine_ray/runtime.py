@@ -1,9 +1,11 @@
-"""Starting or joining Ray the same way from every step, and naming the local MLflow store."""
+"""Starting or joining Ray the same way from every step, and where every step tracks (MLflow)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -35,3 +37,53 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
 def sqlite_uri(path: str | Path) -> str:
     """The MLflow tracking URI of a local sqlite store (tune writes it; promote and predict read it)."""
     return f"sqlite:///{Path(path).resolve()}"
+
+
+DEFAULT_STORAGE = Path("runs")
+# written by `tune` in the folder it runs from: the store and experiment of the last search, so
+# that promote, predict and serve started from the same folder find them with no flags
+LAST_SEARCH = DEFAULT_STORAGE / "last-search.json"
+
+
+@dataclass(frozen=True)
+class Tracking:
+    uri: str
+    source: str                     # the rule that chose it, for the one line a command prints
+    experiment: str | None = None   # the last search's, where its store is the one chosen
+
+
+def resolve_tracking(flag: str | None, storage: str | Path | None = None) -> Tracking:
+    """The MLflow store of every command, by one rule: `--tracking-uri`; else the environment's
+    MLFLOW_TRACKING_URI; else, for tune (which has a storage folder), <storage>/mlflow.db; for
+    the others, the store of the last search started from this folder (LAST_SEARCH); else
+    runs/mlflow.db."""
+    last = _last_search()
+    if flag:
+        found = Tracking(flag, "--tracking-uri")
+    elif os.environ.get("MLFLOW_TRACKING_URI"):
+        found = Tracking(os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI")
+    elif storage is not None:
+        found = Tracking(sqlite_uri(Path(storage) / "mlflow.db"), "the search's --storage")
+    elif last:
+        found = Tracking(last["tracking_uri"], f"the last search from this folder ({LAST_SEARCH})")
+    else:
+        found = Tracking(sqlite_uri(DEFAULT_STORAGE / "mlflow.db"), "the default")
+    if last and last["tracking_uri"] == found.uri:
+        found = Tracking(found.uri, found.source, last.get("experiment"))
+    return found
+
+
+def record_search(tracking_uri: str, experiment: str) -> None:
+    """Remember where a search started from this folder tracks (see resolve_tracking)."""
+    from cspine_ray.preprocess.shards import write_json_atomic
+
+    LAST_SEARCH.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(LAST_SEARCH, {"tracking_uri": tracking_uri, "experiment": experiment})
+
+
+def _last_search() -> dict | None:
+    try:
+        data = json.loads(LAST_SEARCH.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("tracking_uri"), str) else None

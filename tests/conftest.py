@@ -15,6 +15,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # a developer's own store never takes the tests' runs
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -35,6 +36,16 @@ TINY_TRAIN = {
     "model": {},
     "resources": {"num_workers": 2},
 }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def scratch_working_folder(tmp_path_factory):
+    """Every test runs from a scratch folder: what a command leaves in the folder it runs from
+    (tune's runs/last-search.json) stays out of the checkout and of the next session."""
+    cwd = Path.cwd()
+    os.chdir(tmp_path_factory.mktemp("workdir"))
+    yield
+    os.chdir(cwd)
 
 
 @pytest.fixture(scope="session")

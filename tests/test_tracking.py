@@ -77,3 +77,48 @@ def test_experiments_open_as_model_training_in_the_mlflow_ui(tmp_path):
     mine = client.create_experiment("mine", tags={"mlflow.experimentKind": "genai_development"})
     get_or_create_experiment(client, "mine", None)
     assert client.get_experiment(mine).tags["mlflow.experimentKind"] == "genai_development"
+
+
+def test_one_rule_picks_the_store_of_every_command(tmp_path, monkeypatch):
+    from cspine_ray.runtime import record_search, resolve_tracking
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    default = f"sqlite:///{tmp_path}/runs/mlflow.db"
+    assert resolve_tracking(None) == resolve_tracking(None, None)
+    assert (resolve_tracking(None).uri, resolve_tracking(None).experiment) == (default, None)
+    # tune with --storage X tracks to X/mlflow.db and records it for the folder it ran from
+    shared = tmp_path / "shared"
+    assert resolve_tracking(None, shared).uri == f"sqlite:///{shared}/mlflow.db"
+    record_search(f"sqlite:///{shared}/mlflow.db", "cspine-laptop")
+    later = resolve_tracking(None)  # promote, predict, serve: no flags
+    assert (later.uri, later.experiment) == (f"sqlite:///{shared}/mlflow.db", "cspine-laptop")
+    assert "last search" in later.source
+    # the environment's URI, then the flag, come first; the last search's experiment only
+    # goes with its own store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    env = resolve_tracking(None)
+    assert (env.uri, env.source, env.experiment) == ("http://mlflow.example:5000",
+                                                     "MLFLOW_TRACKING_URI", None)
+    assert resolve_tracking(None, shared).uri == "http://mlflow.example:5000"
+    flag = resolve_tracking("sqlite:///elsewhere.db", shared)
+    assert (flag.uri, flag.source) == ("sqlite:///elsewhere.db", "--tracking-uri")
+    # another folder has its own last search (none: the default there)
+    other = tmp_path / "other"
+    other.mkdir()
+    monkeypatch.chdir(other)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert resolve_tracking(None).uri == f"sqlite:///{other}/runs/mlflow.db"
+
+
+def test_predict_and_serve_resolve_registry_uris_by_the_same_rule(tmp_path, monkeypatch):
+    from cspine_ray.predict.cli import registry_uri
+    from cspine_ray.runtime import record_search
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    record_search("sqlite:///searched.db", "cspine-demo")
+    assert registry_uri("models:/cspine-fracture@champion", None) == "sqlite:///searched.db"
+    assert registry_uri("runs:/abc/model", None) == "sqlite:///searched.db"
+    assert registry_uri("models:/m/1", "sqlite:///given.db") == "sqlite:///given.db"
+    assert registry_uri(str(tmp_path / "model"), None) is None  # a local bundle needs no store

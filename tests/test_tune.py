@@ -58,8 +58,15 @@ def search(tmp_path_factory, tiny_shards, ray_local):
         "top_n": {"type": "int", "low": 1, "high": 7},
         "calibrate": {"type": "categorical", "choices": [False, True]}})
     storage = root / "runs"
-    rc = main(["tune", "--space", str(space), "--shards", str(tiny_shards), "--storage", str(storage),
-               "--experiment", EXPERIMENT, "--seed", "3"])
+    here = root / "here"  # the folder the user runs from: not the storage's parent
+    here.mkdir()
+    cwd = Path.cwd()
+    os.chdir(here)
+    try:
+        rc = main(["tune", "--space", str(space), "--shards", str(tiny_shards), "--storage",
+                   str(storage), "--experiment", EXPERIMENT, "--seed", "3"])
+    finally:
+        os.chdir(cwd)
     assert rc == 0
     return storage, sqlite_uri(storage / "mlflow.db")
 
@@ -308,3 +315,17 @@ def test_a_search_in_which_no_trial_finishes_exits_non_zero(tiny_shards, tmp_pat
                str(tmp_path / "runs"), "--experiment", "cspine-broken"])
     assert rc == 1
     assert "no trial of search" in capsys.readouterr().err
+
+
+def test_promote_with_no_flags_finds_the_search_run_from_the_same_folder(search, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    storage, uri = search
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(storage.parent / "here")
+    assert main(["promote", "--name", "cspine-from-folder"]) == 0
+    versions = MlflowClient(uri).search_model_versions("name = 'cspine-from-folder'")
+    assert len(versions) == 1
+    best = _runs(uri, "trial")[1]
+    finished = [r for r in best if "cv_metric" in r.data.metrics]
+    assert versions[0].run_id == min(finished, key=lambda r: r.data.metrics["cv_metric"]).info.run_id

@@ -146,7 +146,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wide", help="per-study CSV (default: <out>.studies.csv)")
     parser.add_argument("--report-dir", help="write a PNG report per study here")
     parser.add_argument("--tracking-uri", help="MLflow tracking/registry URI for models:/ URIs "
-                                               "(default: sqlite:///runs/mlflow.db)")
+                                               "(default: MLFLOW_TRACKING_URI, else the last search "
+                             "started from this folder, else sqlite:///runs/mlflow.db)")
     parser.add_argument("--replicas", type=int,
                         help="model replicas at most (default: one per GPU the cluster can grow "
                              "to, autoscaled nodes included; else 1)")
@@ -158,11 +159,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def registry_uri(model_uri: str, tracking_uri: str | None) -> str | None:
-    """Where a models:/ URI resolves: the given tracking URI, else the local sqlite store."""
-    from cspine_ray.runtime import sqlite_uri
+    """Where a models:/ or runs:/ URI resolves (`runtime.resolve_tracking`'s rule); a local
+    model folder needs none."""
+    from cspine_ray.runtime import resolve_tracking
 
-    if tracking_uri is None and model_uri.startswith("models:/"):
-        return sqlite_uri(Path("runs") / "mlflow.db")
+    if model_uri.startswith(("models:/", "runs:/")):
+        return resolve_tracking(tracking_uri).uri
     return tracking_uri
 
 

@@ -80,7 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="models:/cspine-fracture@champion",
                         help="MLflow model URI or a local model folder (default: the champion)")
     parser.add_argument("--tracking-uri", help="MLflow tracking/registry URI for models:/ URIs "
-                                               "(default: sqlite:///runs/mlflow.db)")
+                                               "(default: MLFLOW_TRACKING_URI, else the last search "
+                             "started from this folder, else sqlite:///runs/mlflow.db)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1: reach it through an SSH tunnel)")
     parser.add_argument("--port", type=int, default=8000)

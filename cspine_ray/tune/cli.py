@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder for data, checkpoints, results and Tune state "
                              "(shared storage such as /mnt/shared/runs on a cluster)")
     parser.add_argument("--tracking-uri",
-                        help="MLflow tracking URI (default: sqlite:///<storage>/mlflow.db)")
+                        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "
+                             "sqlite:///<storage>/mlflow.db)")
     parser.add_argument("--experiment", help="MLflow experiment (default: cspine-<space name>)")
     parser.add_argument("--resume", nargs="?", const="", default=None, metavar="NAME",
                         help="continue an interrupted search (default: the latest of this space)")
@@ -65,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cspine_ray.runtime import init_ray, sqlite_uri
+    from cspine_ray.runtime import init_ray, record_search, resolve_tracking
     from cspine_ray.tune.data import demo_dataset, demo_preprocess_config, prepared_shards
     from cspine_ray.tune.search import SearchOptions, final_results, run_search
     from cspine_ray.tune.space import DemoData, load_space
@@ -74,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     space = load_space(space_file)
     storage = Path(args.storage).resolve()
     storage.mkdir(parents=True, exist_ok=True)
-    tracking_uri = args.tracking_uri or sqlite_uri(storage / "mlflow.db")
+    tracking = resolve_tracking(args.tracking_uri, storage)
+    tracking_uri = tracking.uri
     init_ray(address=args.address)
 
     if args.shards:
@@ -95,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
                          max_concurrent=args.max_concurrent,
                          pretrained=args.pretrained,
                          weights=args.weights and str(Path(args.weights).resolve()))
+    print(f"MLflow: {tracking_uri} ({tracking.source}), experiment {opts.experiment!r}")
+    record_search(tracking_uri, opts.experiment)  # promote / predict / serve from here find it
     name, grid = run_search(opts)
     finished = final_results(grid)
     print(f"\nsearch {name}: {len(finished)} of {len(grid)} trials finished "
@@ -113,6 +117,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"cspine-ray tune: no trial of search {name} finished; each trial's error is in "
               f"its MLflow run (tag `error`) and under {storage}", file=sys.stderr)
         return 1
-    print(f"promote the best: python -m cspine_ray.promote --tracking-uri {tracking_uri} "
-          f"--experiment {opts.experiment}")
+    print(f"promote the best: python -m cspine_ray.promote   (from this folder; elsewhere add "
+          f"--tracking-uri {tracking_uri} --experiment {opts.experiment})")
     return 0
