@@ -19,6 +19,7 @@ STEPS = {
     "score": ("cspine_ray.metric", "score a submission CSV against labels"),
     "train": ("cspine_ray.train.cli", "fold-parallel training on Ray Train"),
     "tune": ("cspine_ray.tune.cli", "search families and hyperparameters (Ray Tune + Optuna + MLflow)"),
+    "results": ("cspine_ray.tune.results", "the leaderboard of a search, running or finished (MLflow)"),
     "promote": ("cspine_ray.promote", "register the best ensemble; move @champion if it wins"),
     "predict": ("cspine_ray.predict.cli", "predict new studies with a registered ensemble (Ray Data)"),
     "serve": ("cspine_ray.serve.cli", "serve the champion over HTTP (Ray Serve)"),

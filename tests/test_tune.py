@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
@@ -264,6 +265,16 @@ def test_resume_after_killing_the_driver(tiny_shards, tmp_path, ray_local):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert list(storage.glob("results/*/result.json")), "the driver should have finished a trial"
+    # the leaderboard of the stopped search: its finished trial first, the others as MLflow has them
+    import io
+
+    board = io.StringIO()
+    with contextlib.redirect_stdout(board):
+        assert main(["results", "--tracking-uri", sqlite_uri(storage / "mlflow.db"),
+                     "--experiment", "cspine-resume", "--format", "csv"]) == 0
+    table = pd.read_csv(io.StringIO(board.getvalue()))
+    assert table["state"].iloc[0] == "FINISHED" and table["cv_metric"].iloc[0] > 0
+    assert set(table["state"]) <= {"FINISHED", "RUNNING"}  # killed: nothing marked them
 
     assert main(["tune", *args, "--resume"]) == 0
     client = MlflowClient(sqlite_uri(storage / "mlflow.db"))
@@ -329,3 +340,41 @@ def test_promote_with_no_flags_finds_the_search_run_from_the_same_folder(search,
     best = _runs(uri, "trial")[1]
     finished = [r for r in best if "cv_metric" in r.data.metrics]
     assert versions[0].run_id == min(finished, key=lambda r: r.data.metrics["cv_metric"]).info.run_id
+
+
+def test_results_prints_the_leaderboard_of_a_search(search, monkeypatch, capsys):
+    import io
+    import math
+
+    storage, uri = search
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(storage.parent / "here")  # no flags: the search started from this folder
+    capsys.readouterr()
+    assert main(["results", "--format", "csv"]) == 0
+    table = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    _, trials = _runs(uri, "trial")
+    assert len(table) == len(trials) == 4
+    by_name = {t.info.run_name: t for t in trials}
+    finished = table[table["state"] == "FINISHED"]
+    # each row's figures are its run's, finished trials best first
+    for row in table.itertuples():
+        run = by_name[row.trial]
+        assert row.state.startswith(run.info.status)
+        assert row.family == "two_stage"
+        if "cv_metric" in run.data.metrics:
+            assert row.cv_metric == pytest.approx(run.data.metrics["cv_metric"])
+            assert row.last_epoch_cv == pytest.approx(run.data.metrics["last_epoch_cv_metric"])
+            assert row.minutes == pytest.approx(run.data.metrics["trial_seconds"] / 60)
+    assert list(finished["cv_metric"]) == sorted(finished["cv_metric"])
+    assert list(table.index[table["state"] == "FINISHED"]) == list(range(len(finished)))
+    # the searched values are the columns that differ between trials: the space's three
+    assert {"top_n", "calibrate", "sequence.head"} <= set(table.columns)
+    assert not {"backbone", "optim.lr"} & set(table.columns)  # the same in every trial
+    assert set(table["reused"]) <= {"reused", "trained"} and "trained" in set(table["reused"])
+    assert all(not math.isnan(m) for m in table["minutes"])
+    assert main(["results", "--experiment", EXPERIMENT, "--tracking-uri", uri]) == 0
+    text = capsys.readouterr().out
+    lines = [line for line in text.splitlines() if line.startswith("| trial ")]
+    assert lines[0].startswith("| trial | state | family | cv_metric |") and len(lines) == 1 + 4
+    assert main(["results", "--experiment", "nosuch", "--tracking-uri", uri]) == 2
+    assert "no MLflow experiment named 'nosuch'" in capsys.readouterr().err
