@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import shlex
 import sys
 
 # subcommand -> (module, one-line help). Modules are imported only when their step runs,
@@ -43,6 +44,7 @@ def step_main(module_name: str, description: str, argv: list[str] | None = None,
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     module.add_arguments(parser)
     args = parser.parse_args(argv)
+    args.command_line = shlex.join([*parser.prog.split(), *(sys.argv[1:] if argv is None else argv)])
     setup_logging(args.verbose)
     from cspine_ray.config import ConfigError
     from cspine_ray.io.errors import LayoutError

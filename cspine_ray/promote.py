@@ -101,6 +101,9 @@ def promote(tracking_uri: str, experiment: str | None = None, run_id: str | None
                 pip_requirements=requirements())
     version = mlflow.register_model(logged.model_uri, name, tags={k: str(v) for k, v in info.items()})
     client.update_model_version(name, version.version, description=model_card(info, result, metrics))
+    if tags.get("mlflow.parentRunId"):  # the search's run links to what it produced
+        client.set_tag(tags["mlflow.parentRunId"], "registered_model",
+                       f"models:/{name}/{version.version}")
 
     champion = _champion(client, name)
     old_cv = float(champion.tags["cv_metric"]) if champion and "cv_metric" in champion.tags else None

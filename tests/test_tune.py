@@ -88,6 +88,11 @@ def test_every_trial_is_tracked_in_mlflow(search, tiny_dataset):
     parent = parents[0]
     assert parent.data.tags["best_run_id"] in {t.info.run_id for t in trials}
     assert "best_cv_metric" in parent.data.metrics
+    # the runs table shows the search's source (the command as typed) and its dataset
+    assert parent.data.tags["mlflow.source.name"].endswith("--experiment cspine-tiny --seed 3")
+    assert " tune --space " in f" {parent.data.tags['mlflow.source.name']}"
+    (dataset,) = [d.dataset for d in client.get_run(parent.info.run_id).inputs.dataset_inputs]
+    assert dataset.digest == trials[0].data.tags["manifest_hash"]
     # the space file only names what it extends; the parent run also holds the resolved base
     local = Path(client.download_artifacts(parent.info.run_id, "space_base.yaml"))
     assert yaml.safe_load(local.read_text()) == resolved_base()
@@ -337,6 +342,8 @@ def test_promote_with_no_flags_finds_the_search_run_from_the_same_folder(search,
     assert main(["promote", "--name", "cspine-from-folder"]) == 0
     versions = MlflowClient(uri).search_model_versions("name = 'cspine-from-folder'")
     assert len(versions) == 1
+    (parent,) = _runs(uri, "search")[1]  # the search's run links to the registered model
+    assert parent.data.tags["registered_model"] == "models:/cspine-from-folder/1"
     best = _runs(uri, "trial")[1]
     finished = [r for r in best if "cv_metric" in r.data.metrics]
     assert versions[0].run_id == min(finished, key=lambda r: r.data.metrics["cv_metric"]).info.run_id

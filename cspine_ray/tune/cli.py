@@ -96,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
                          cpus_per_worker=args.cpus_per_worker, seed=args.seed,
                          max_concurrent=args.max_concurrent,
                          pretrained=args.pretrained,
-                         weights=args.weights and str(Path(args.weights).resolve()))
+                         weights=args.weights and str(Path(args.weights).resolve()),
+                         command=getattr(args, "command_line", "python -m cspine_ray.tune"))
     print(f"MLflow: {tracking_uri} ({tracking.source}), experiment {opts.experiment!r}")
     record_search(tracking_uri, opts.experiment)  # promote / predict / serve from here find it
     name, grid = run_search(opts)

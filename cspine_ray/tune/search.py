@@ -33,6 +33,7 @@ class SearchOptions:
     pretrained: bool = False
     weights: str | None = None       # local pretrained backbone weights (file or folder)
     overrides: dict | None = None    # TrainConfig values forced on every trial (tests, tiny runs)
+    command: str = "python -m cspine_ray.tune"  # as typed: the search run's Source in MLflow
 
 
 def max_epochs(space: SearchSpace) -> int:
@@ -134,6 +135,7 @@ def run_search(opts: SearchOptions):
         tracker = MlflowTracker(
             tracking_uri=opts.tracking_uri, experiment=opts.experiment, search_id=name,
             space_file=str(opts.space_file), space_base=space.base, shards=shards,
+            command=opts.command,
             artifact_root=str(storage / "mlartifacts") if opts.tracking_uri.startswith("sqlite") else None,
             search_params={"space": space.name, "trials": trials, "seed": opts.seed,
                            "shards_dir": str(shards.root), "folds": n_folds,

@@ -130,8 +130,9 @@ class MlflowTracker(Callback):
 
     def __init__(self, tracking_uri: str, experiment: str, search_id: str, space_file: str,
                  shards, artifact_root: str | None, search_params: dict[str, Any],
-                 space_base: dict[str, Any]):
+                 space_base: dict[str, Any], command: str = "python -m cspine_ray.tune"):
         self.tracking_uri = tracking_uri
+        self.command = command[:500]
         self.experiment = experiment
         self.search_id = search_id
         self.space_file = space_file
@@ -173,7 +174,10 @@ class MlflowTracker(Callback):
             if self._parent is None:
                 run = client.create_run(self._experiment_id, run_name=self.search_id,
                                         tags={"kind": "search", "search_id": self.search_id,
-                                              "code_version": code_version()})
+                                              "code_version": code_version(),
+                                              # the runs table's Source column: the command
+                                              "mlflow.source.type": "LOCAL",
+                                              "mlflow.source.name": self.command})
                 self._parent = run.info.run_id
                 for k, v in self.search_params.items():
                     client.log_param(self._parent, k, v)
@@ -300,6 +304,9 @@ class MlflowTracker(Callback):
                 self.client.set_terminated(run_id, "KILLED")
         if finished:
             best = min(finished, key=lambda t: t.last_result["cv_metric"])
+            # the parent shows the shard set the search trained on (its Dataset column)
+            manifest_hash = load_manifest_hash(best.last_result["result_dir"])
+            self.client.log_inputs(parent, datasets=[self.dataset_input(manifest_hash)])
             self.client.set_tag(parent, "best_run_id", self.trial_run(best))
             self.client.set_tag(parent, "best_trial_id", best.trial_id)
             for k in ("cv_metric", "oof_metric", "oof_auc_mean", "oof_auc_patient_overall"):
@@ -310,6 +317,12 @@ class MlflowTracker(Callback):
         self.client.set_tag(parent, "trials_interrupted", str(len(interrupted)))
         status = "KILLED" if interrupted else "FINISHED" if finished else "FAILED"
         self.client.set_terminated(parent, status)
+
+
+def load_manifest_hash(result_dir: str) -> str:
+    from cspine_ray.train.result import load_result
+
+    return load_result(result_dir).info.manifest_hash
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
