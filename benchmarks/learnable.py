@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                        HELDOUT_COLUMNS))
         kinds = sorted({k for figures in tested.values() for f in figures for k in f
                         if k.startswith("auc_kind_")})
-        print("\nVertebra AUC by fracture kind (its fractured vertebrae against every intact one):\n")
+        print("\nVertebra AUC by fracture kind, within level (each fractured vertebra against the "
+              "intact vertebrae of its level):\n")
         print(markdown([[arm] + [spread([f[k] for f in figures if k in f], 3) for k in kinds]
                         for arm, figures in tested.items()],
                        ("model", *(k[len("auc_kind_"):] for k in kinds))))
