@@ -125,12 +125,15 @@ def promote(tracking_uri: str, experiment: str | None = None, run_id: str | None
 
 
 def requirements() -> list[str]:
-    """The package's own dependencies (pyproject.toml), pinned to the versions installed here.
+    """The package's own dependencies (pyproject.toml), pinned to the versions installed here,
+    without local version labels (a CPU build's `2.x+cpu` is a pin no index serves; the public
+    version is).
 
     cspine-ray itself is not on any index: it travels as the model's code instead."""
     from importlib.metadata import PackageNotFoundError, requires, version
 
     from packaging.requirements import Requirement
+    from packaging.version import Version
 
     reqs = []
     for spec in requires("cspine-ray") or []:
@@ -139,7 +142,7 @@ def requirements() -> list[str]:
             continue
         try:
             extras = f"[{','.join(sorted(req.extras))}]" if req.extras else ""
-            reqs.append(f"{req.name}{extras}=={version(req.name)}")
+            reqs.append(f"{req.name}{extras}=={Version(version(req.name)).public}")
         except PackageNotFoundError:
             continue
     return reqs
