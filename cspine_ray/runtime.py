@@ -56,7 +56,8 @@ def resolve_tracking(flag: str | None, storage: str | Path | None = None) -> Tra
     """The MLflow store of every command, by one rule: `--tracking-uri`; else the environment's
     MLFLOW_TRACKING_URI; else, for tune (which has a storage folder), <storage>/mlflow.db; for
     the others, the store of the last search started from this folder (LAST_SEARCH); else
-    runs/mlflow.db."""
+    runs/mlflow.db. (mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI: within one
+    process, a store set earlier is the environment's.)"""
     last = _last_search()
     if flag:
         found = Tracking(flag, "--tracking-uri")

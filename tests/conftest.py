@@ -16,6 +16,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # a developer's own store never takes the tests' runs
+os.environ.pop("MLFLOW_REGISTRY_URI", None)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -36,6 +37,17 @@ TINY_TRAIN = {
     "model": {},
     "resources": {"num_workers": 2},
 }
+
+
+@pytest.fixture(autouse=True)
+def no_inherited_tracking_uri():
+    """mlflow.set_tracking_uri (promote, predict) also sets MLFLOW_TRACKING_URI in os.environ,
+    which every command reads first: no test may track into the store of a test before it."""
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        os.environ.pop(name, None)
+    yield
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        os.environ.pop(name, None)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -63,6 +63,7 @@ def search(tmp_path_factory, tiny_shards, ray_local):
     here.mkdir()
     cwd = Path.cwd()
     os.chdir(here)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # set in-process by an earlier module's promote
     try:
         rc = main(["tune", "--space", str(space), "--shards", str(tiny_shards), "--storage",
                    str(storage), "--experiment", EXPERIMENT, "--seed", "3"])
