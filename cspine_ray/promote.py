@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cspine_ray
+from cspine_ray.runtime import TRACKING_HELP
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +61,20 @@ def _champion(client, name: str):
 
 def promote(tracking_uri: str, experiment: str | None = None, run_id: str | None = None,
             name: str = DEFAULT_NAME, force: bool = False) -> Promotion:
+    from cspine_ray.runtime import mlflow_store
+
+    with mlflow_store(tracking_uri):  # MLflow's logging and registry calls, this store only
+        return _promote(tracking_uri, experiment, run_id, name, force)
+
+
+def _promote(tracking_uri: str, experiment: str | None, run_id: str | None, name: str,
+             force: bool) -> Promotion:
     import mlflow
     from mlflow.tracking import MlflowClient
 
     from cspine_ray.predict.pyfunc import EnsembleModel, make_bundle
     from cspine_ray.train.result import fit_result_calibrator, load_result
 
-    mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri)
     if run_id:
         run = client.get_run(run_id)
@@ -223,9 +231,7 @@ def patient_rule(info: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the last "
-                             "search started from this folder, else sqlite:///runs/mlflow.db)")
+    parser.add_argument("--tracking-uri", default=None, help=TRACKING_HELP)
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--experiment", help="promote this experiment's best finished trial "
                                             "(default: the last search's from this folder)")

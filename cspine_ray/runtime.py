@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +47,11 @@ DEFAULT_STORAGE = Path("runs")
 LAST_SEARCH = DEFAULT_STORAGE / "last-search.json"
 
 
+# --tracking-uri's help in every command that reads a store (resolve_tracking's rule)
+TRACKING_HELP = ("MLflow tracking/registry URI (default: MLFLOW_TRACKING_URI, else the last search "
+                 "started from this folder, else sqlite:///runs/mlflow.db)")
+
+
 @dataclass(frozen=True)
 class Tracking:
     uri: str
@@ -56,8 +63,7 @@ def resolve_tracking(flag: str | None, storage: str | Path | None = None) -> Tra
     """The MLflow store of every command, by one rule: `--tracking-uri`; else the environment's
     MLFLOW_TRACKING_URI; else, for tune (which has a storage folder), <storage>/mlflow.db; for
     the others, the store of the last search started from this folder (LAST_SEARCH); else
-    runs/mlflow.db. (mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI: within one
-    process, a store set earlier is the environment's.)"""
+    runs/mlflow.db."""
     last = _last_search()
     if flag:
         found = Tracking(flag, "--tracking-uri")
@@ -88,3 +94,29 @@ def _last_search() -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) and isinstance(data.get("tracking_uri"), str) else None
+
+
+_MLFLOW_STORE_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@contextmanager
+def mlflow_store(uri: str) -> Iterator[None]:
+    """MLflow's own functions (start_run, log_model, register_model, download_artifacts) pointed
+    at `uri` for the block only. mlflow.set_tracking_uri / set_registry_uri also write
+    MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI into os.environ, which resolve_tracking reads
+    first: left there, one command's store would become every later command's in the process."""
+    import mlflow
+
+    saved = {name: os.environ.get(name) for name in _MLFLOW_STORE_VARIABLES}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])  # None: MLflow's own default again
+        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
+        for name, value in saved.items():  # set_registry_uri(None) leaves its variable behind
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

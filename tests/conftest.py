@@ -39,17 +39,6 @@ TINY_TRAIN = {
 }
 
 
-@pytest.fixture(autouse=True)
-def no_inherited_tracking_uri():
-    """mlflow.set_tracking_uri (promote, predict) also sets MLFLOW_TRACKING_URI in os.environ,
-    which every command reads first: no test may track into the store of a test before it."""
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-        os.environ.pop(name, None)
-    yield
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-        os.environ.pop(name, None)
-
-
 @pytest.fixture(scope="session", autouse=True)
 def scratch_working_folder(tmp_path_factory):
     """Every test runs from a scratch folder: what a command leaves in the folder it runs from

@@ -18,7 +18,8 @@ def _tracker(tmp_path) -> MlflowTracker:
     space.write_text("description: t\n")
     return MlflowTracker(tracking_uri=sqlite_uri(tmp_path / "mlflow.db"), experiment="e",
                          search_id="s-1", space_file=str(space), shards=None,
-                         artifact_root=str(tmp_path / "artifacts"), search_params={"trials": 2}, space_base={"family": "two_stage"})
+                         artifact_root=str(tmp_path / "artifacts"), search_params={"trials": 2}, space_base={"family": "two_stage"},
+                         command="cspine-ray tune --space space.yaml")
 
 
 def _trial(trial_id: str, status: str) -> Trial:
@@ -122,3 +123,25 @@ def test_predict_and_serve_resolve_registry_uris_by_the_same_rule(tmp_path, monk
     assert registry_uri("runs:/abc/model", None) == "sqlite:///searched.db"
     assert registry_uri("models:/m/1", "sqlite:///given.db") == "sqlite:///given.db"
     assert registry_uri(str(tmp_path / "model"), None) is None  # a local bundle needs no store
+
+
+def test_a_commands_mlflow_store_does_not_outlive_it(tmp_path, monkeypatch):
+    import os
+
+    import mlflow
+
+    from cspine_ray.runtime import mlflow_store, resolve_tracking
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    uri = sqlite_uri(tmp_path / "a.db")
+    with mlflow_store(uri):
+        assert mlflow.get_tracking_uri() == uri and mlflow.get_registry_uri() == uri
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    assert resolve_tracking(None).source == "the default"  # not the store of the block before
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    with mlflow_store(uri):
+        assert os.environ["MLFLOW_TRACKING_URI"] == uri
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://mlflow.example:5000"
+    assert mlflow.get_tracking_uri() == "http://mlflow.example:5000"

@@ -63,7 +63,6 @@ def search(tmp_path_factory, tiny_shards, ray_local):
     here.mkdir()
     cwd = Path.cwd()
     os.chdir(here)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)  # set in-process by an earlier module's promote
     try:
         rc = main(["tune", "--space", str(space), "--shards", str(tiny_shards), "--storage",
                    str(storage), "--experiment", EXPERIMENT, "--seed", "3"])
@@ -341,6 +340,7 @@ def test_promote_with_no_flags_finds_the_search_run_from_the_same_folder(search,
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(storage.parent / "here")
     assert main(["promote", "--name", "cspine-from-folder"]) == 0
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # the store it used does not outlive it
     versions = MlflowClient(uri).search_model_versions("name = 'cspine-from-folder'")
     assert len(versions) == 1
     (parent,) = _runs(uri, "search")[1]  # the search's run links to the registered model

@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from cspine_ray import TARGETS
+from cspine_ray.runtime import TRACKING_HELP
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +44,15 @@ def local_model(model_uri: str, tracking_uri: str | None, work: Path) -> str:
         return str(Path(model_uri).resolve())
     import mlflow
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
-    return mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(work / "model"))
+    from cspine_ray.runtime import mlflow_store
+
+    def download() -> str:
+        return mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(work / "model"))
+
+    if not tracking_uri:
+        return download()
+    with mlflow_store(tracking_uri):
+        return download()
 
 
 def run_predict(model_uri: str, input_dir: str, out: str, wide: str | None = None,
@@ -145,9 +151,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="submission CSV (row_id, fractured)")
     parser.add_argument("--wide", help="per-study CSV (default: <out>.studies.csv)")
     parser.add_argument("--report-dir", help="write a PNG report per study here")
-    parser.add_argument("--tracking-uri", help="MLflow tracking/registry URI for models:/ URIs "
-                                               "(default: MLFLOW_TRACKING_URI, else the last search "
-                             "started from this folder, else sqlite:///runs/mlflow.db)")
+    parser.add_argument("--tracking-uri", help=TRACKING_HELP)
     parser.add_argument("--replicas", type=int,
                         help="model replicas at most (default: one per GPU the cluster can grow "
                              "to, autoscaled nodes included; else 1)")
