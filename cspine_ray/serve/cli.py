@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from cspine_ray.runtime import TRACKING_HELP
+
 log = logging.getLogger(__name__)
 
 APP = "cspine-fracture"
@@ -79,9 +81,7 @@ def start(model_uri: str, tracking_uri: str | None = None, host: str = "127.0.0.
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="models:/cspine-fracture@champion",
                         help="MLflow model URI or a local model folder (default: the champion)")
-    parser.add_argument("--tracking-uri", help="MLflow tracking/registry URI for models:/ URIs "
-                                               "(default: MLFLOW_TRACKING_URI, else the last search "
-                             "started from this folder, else sqlite:///runs/mlflow.db)")
+    parser.add_argument("--tracking-uri", help=TRACKING_HELP)
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1: reach it through an SSH tunnel)")
     parser.add_argument("--port", type=int, default=8000)

@@ -14,8 +14,11 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 
 import pandas as pd
+
+from cspine_ray.runtime import TRACKING_HELP
 
 FIXED = ("trial", "state", "family", "cv_metric", "last_epoch_cv", "calibrated", "reused", "minutes")
 
@@ -43,7 +46,7 @@ def leaderboard(tracking_uri: str, experiment: str) -> pd.DataFrame:
             state += " (interrupted)"
         seconds = metrics.get("trial_seconds")
         if seconds is None and r.info.start_time:
-            end = r.info.end_time or _now_ms()
+            end = r.info.end_time or time.time() * 1000  # still running: until now
             seconds = (end - r.info.start_time) / 1000
         rows.append({
             "trial": r.info.run_name, "state": state, "family": tags.get("family", ""),
@@ -60,12 +63,6 @@ def leaderboard(tracking_uri: str, experiment: str) -> pd.DataFrame:
             .drop(columns="_done").reset_index(drop=True))
 
 
-def _now_ms() -> int:
-    import time
-
-    return int(time.time() * 1000)
-
-
 def markdown(table: pd.DataFrame) -> str:
     def cell(value) -> str:
         if isinstance(value, float):
@@ -80,8 +77,7 @@ def markdown(table: pd.DataFrame) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experiment", help="the search's MLflow experiment (default: the last "
                                              "search started from this folder)")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, "
-                                               "else the last search's, else sqlite:///runs/mlflow.db)")
+    parser.add_argument("--tracking-uri", help=TRACKING_HELP)
     parser.add_argument("--format", choices=("markdown", "csv"), default="markdown")
 
 
