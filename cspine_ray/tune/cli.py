@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
                          max_concurrent=args.max_concurrent,
                          pretrained=args.pretrained,
                          weights=args.weights and str(Path(args.weights).resolve()),
-                         command=getattr(args, "command_line", "python -m cspine_ray.tune"))
+                         command=args.command_line)
     print(f"MLflow: {tracking_uri} ({tracking.source}), experiment {opts.experiment!r}")
     record_search(tracking_uri, opts.experiment)  # promote / predict / serve from here find it
     name, grid = run_search(opts)

@@ -33,7 +33,7 @@ class SearchOptions:
     pretrained: bool = False
     weights: str | None = None       # local pretrained backbone weights (file or folder)
     overrides: dict | None = None    # TrainConfig values forced on every trial (tests, tiny runs)
-    command: str = "python -m cspine_ray.tune"  # as typed: the search run's Source in MLflow
+    command: str = "python -m cspine_ray.tune"  # as typed (the CLI's own line when it starts one)
 
 
 def max_epochs(space: SearchSpace) -> int:

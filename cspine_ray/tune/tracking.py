@@ -130,9 +130,9 @@ class MlflowTracker(Callback):
 
     def __init__(self, tracking_uri: str, experiment: str, search_id: str, space_file: str,
                  shards, artifact_root: str | None, search_params: dict[str, Any],
-                 space_base: dict[str, Any], command: str = "python -m cspine_ray.tune"):
+                 space_base: dict[str, Any], command: str):
         self.tracking_uri = tracking_uri
-        self.command = command[:500]
+        self.command = command[:500]  # the search run's Source in MLflow
         self.experiment = experiment
         self.search_id = search_id
         self.space_file = space_file
@@ -305,8 +305,7 @@ class MlflowTracker(Callback):
         if finished:
             best = min(finished, key=lambda t: t.last_result["cv_metric"])
             # the parent shows the shard set the search trained on (its Dataset column)
-            manifest_hash = load_manifest_hash(best.last_result["result_dir"])
-            self.client.log_inputs(parent, datasets=[self.dataset_input(manifest_hash)])
+            self.client.log_inputs(parent, datasets=[self.dataset_input(self.shards.hash)])
             self.client.set_tag(parent, "best_run_id", self.trial_run(best))
             self.client.set_tag(parent, "best_trial_id", best.trial_id)
             for k in ("cv_metric", "oof_metric", "oof_auc_mean", "oof_auc_patient_overall"):
@@ -317,12 +316,6 @@ class MlflowTracker(Callback):
         self.client.set_tag(parent, "trials_interrupted", str(len(interrupted)))
         status = "KILLED" if interrupted else "FINISHED" if finished else "FAILED"
         self.client.set_terminated(parent, status)
-
-
-def load_manifest_hash(result_dir: str) -> str:
-    from cspine_ray.train.result import load_result
-
-    return load_result(result_dir).info.manifest_hash
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
