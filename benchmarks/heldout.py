@@ -11,7 +11,8 @@ constant prior (the training studies' prevalences, as a promoted model without s
 answer) and the patient and pooled vertebra AUCs, the generator's `synth_truth.csv` breaks the
 vertebra AUC down by fracture kind, within level (each fractured vertebra of that kind against
 the intact vertebrae of its own level, the pairs pooled over levels: a model's scores differ by
-level, and a kind that falls on levels scored low would otherwise look missed) and gives the look-alike false-positive rate: the share of intact vertebrae carrying a look-alike
+level, and a kind that falls on levels scored low would otherwise look missed) and gives the
+look-alike false-positive rate: the share of intact vertebrae carrying a look-alike
 (vein channel, foramen, osteophyte, Schmorl node) that score above the threshold flagging 90% of
 the fractured vertebrae.
 """

@@ -15,7 +15,7 @@ def _weighted_terms(logits: torch.Tensor, targets: torch.Tensor, neg, pos):
     """(w * bce, w) elementwise, in float32: the weight is `pos` on a positive target, `neg` on a
     negative one, and in between on a soft (mixed) target: neg + (pos - neg) * target."""
     targets = targets.float()
-    w = neg + (torch.as_tensor(pos) - neg) * targets
+    w = neg + (pos - neg) * targets
     bce = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none")
     return w * bce, w
 

@@ -136,8 +136,9 @@ class TwoStageTask(Task):
     def _patient_loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         """patient_overall's weighted BCE (the metric's 7 / 14) of the top-N rule over each
         study's seven vertebra logits; the batch holds whole studies (`study_batches`)."""
-        uids = list(dict.fromkeys(batch["uid"]))
-        row = torch.tensor([uids.index(u) for u in batch["uid"]], device=logits.device)
+        rows = {u: i for i, u in enumerate(dict.fromkeys(batch["uid"]))}  # study -> table row
+        uids = list(rows)
+        row = torch.tensor([rows[u] for u in batch["uid"]], device=logits.device)
         table = logits.float().new_zeros(len(uids), N_VERTEBRAE)
         table[row, batch["vertebra"].to(logits.device)] = logits.float()
         if torch.bincount(row, minlength=len(uids)).ne(N_VERTEBRAE).any():
