@@ -145,3 +145,29 @@ def test_a_commands_mlflow_store_does_not_outlive_it(tmp_path, monkeypatch):
         assert os.environ["MLFLOW_TRACKING_URI"] == uri
     assert os.environ["MLFLOW_TRACKING_URI"] == "http://mlflow.example:5000"
     assert mlflow.get_tracking_uri() == "http://mlflow.example:5000"
+
+
+def test_the_leaderboard_of_a_search_over_families_shows_only_what_was_searched(tmp_path):
+    from cspine_ray.tune.results import FIXED, leaderboard
+
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    client = MlflowClient(uri)
+    exp = client.create_experiment("cspine-mixed")
+    # three finished trials of two families: only top_n and sequence.head differ where present
+    trials = [("two_stage", {"backbone": "b", "top_n": "7", "sequence.head": "lstm", "calibrate": "False"}, 0.61),
+              ("cnn3d", {"model.hidden": "32", "top_n": "5", "calibrate": "True"}, 0.58),
+              ("two_stage", {"backbone": "b", "top_n": "7", "sequence.head": "gru", "calibrate": "False"}, 0.60)]
+    for i, (family, params, cv) in enumerate(trials):
+        run = client.create_run(exp, run_name=f"trial {i}", tags={"kind": "trial", "family": family})
+        for k, v in {"family": family, **params}.items():
+            client.log_param(run.info.run_id, k, v)
+        client.log_metric(run.info.run_id, "cv_metric", cv)
+        client.set_terminated(run.info.run_id, "FINISHED")
+    running = client.create_run(exp, run_name="trial 3", tags={"kind": "trial", "family": "cnn3d"})
+    client.log_metric(running.info.run_id, "cv_metric", 0.5)  # an epoch so far, not judged
+    table = leaderboard(uri, "cspine-mixed")
+    assert list(table.columns) == [*FIXED, "sequence.head", "top_n"]
+    assert list(table["trial"]) == ["trial 1", "trial 2", "trial 0", "trial 3"]  # finished, best first
+    assert list(table["state"]) == ["FINISHED"] * 3 + ["RUNNING"]
+    assert list(table["sequence.head"]) == ["", "gru", "lstm", ""]
+    assert list(table["calibrated"]) == ["True", "False", "False", ""]

@@ -375,8 +375,10 @@ def test_results_prints_the_leaderboard_of_a_search(search, monkeypatch, capsys)
             assert row.minutes == pytest.approx(run.data.metrics["trial_seconds"] / 60)
     assert list(finished["cv_metric"]) == sorted(finished["cv_metric"])
     assert list(table.index[table["state"] == "FINISHED"]) == list(range(len(finished)))
-    # the searched values are the columns that differ between trials: the space's three
-    assert {"top_n", "calibrate", "sequence.head"} <= set(table.columns)
+    # the searched values are the columns that differ between trials: the space's three, the
+    # patient rule in its own column
+    assert {"top_n", "sequence.head"} <= set(table.columns) and "calibrate" not in table.columns
+    assert {str(v) for v in table["calibrated"]} == {"True", "False"}
     assert not {"backbone", "optim.lr"} & set(table.columns)  # the same in every trial
     assert set(table["reused"]) <= {"reused", "trained"} and "trained" in set(table["reused"])
     assert all(not math.isnan(m) for m in table["minutes"])

@@ -5,8 +5,9 @@ One row per trial run of the experiment: its state (MLflow's, plus "stopped earl
 epoch the trial was judged by and at its last epoch, whether the patient rule is the
 calibrator, whether the training was reused from an earlier trial, and minutes. Finished trials
 come first, best (lowest) CV metric first; a trial still running shows its latest epoch's CV
-metric. The varied values are the parameters that differ between the finished trials (a trial's
-parameters are logged when it finishes; before that only its family and backbone are known).
+metric. The varied values are the parameters that take more than one value among the finished
+trials that have them (a family's own settings are absent from another family's trials; a
+trial's parameters are logged when it finishes, before that only its family is known).
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ def leaderboard(tracking_uri: str, experiment: str) -> pd.DataFrame:
         raise LookupError(f"no MLflow experiment named {experiment!r} at {tracking_uri}")
     runs = client.search_runs([exp.experiment_id], filter_string="tags.kind = 'trial'",
                               max_results=10_000)
-    finished = [r for r in runs if r.info.status == "FINISHED"]
-    varied = sorted(k for k in {k for r in finished for k in r.data.params}
-                    if len({r.data.params.get(k) for r in finished}) > 1)
+    finished = [r.data.params for r in runs if r.info.status == "FINISHED"]
+    # a setting one family has and another lacks is not a searched value; the family and the
+    # patient rule have their own columns
+    varied = sorted(k for k in {k for p in finished for k in p} - {"family", "calibrate"}
+                    if len({p[k] for p in finished if k in p}) > 1)
     rows = []
     for r in runs:
         tags, metrics, params = r.data.tags, r.data.metrics, r.data.params
