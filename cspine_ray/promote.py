@@ -141,7 +141,6 @@ def requirements() -> list[str]:
     from importlib.metadata import PackageNotFoundError, requires, version
 
     from packaging.requirements import Requirement
-    from packaging.version import Version
 
     reqs = []
     for spec in requires("cspine-ray") or []:
@@ -150,10 +149,18 @@ def requirements() -> list[str]:
             continue
         try:
             extras = f"[{','.join(sorted(req.extras))}]" if req.extras else ""
-            reqs.append(f"{req.name}{extras}=={Version(version(req.name)).public}")
+            reqs.append(pin(f"{req.name}{extras}", version(req.name)))
         except PackageNotFoundError:
             continue
     return reqs
+
+
+def pin(requirement: str, installed: str) -> str:
+    """`requirement==X`, X the installed release's public version: a local label (`+cpu`,
+    `+cu130`) names a build no package index serves."""
+    from packaging.version import Version
+
+    return f"{requirement}=={Version(installed).public}"
 
 
 def signature():
