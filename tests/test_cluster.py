@@ -109,12 +109,9 @@ def test_preprocess_tune_promote_predict_on_an_autoscaling_cluster(cluster, tiny
 
     # promote, then predict on the cluster and on one node: the same probabilities
     assert main(["promote", "--tracking-uri", uri, "--experiment", "cspine-cluster"]) == 0
-    model = tmp_path / "model"
-    import mlflow
+    from cspine_ray.predict.cli import local_model
 
-    mlflow.set_tracking_uri(uri)
-    mlflow.artifacts.download_artifacts(artifact_uri="models:/cspine-fracture@champion",
-                                        dst_path=str(model))
+    model = local_model("models:/cspine-fracture@champion", uri, tmp_path)  # tmp_path/model
     inputs = tiny_dataset / "test_images"
     done = cluster.run(_python("cspine_ray.predict", "--model", str(model), "--input", str(inputs),
                                "--out", str(tmp_path / "cluster.csv"), "--batch-size", "1"))

@@ -197,9 +197,9 @@ def test_promote_then_predict_with_a_broken_study_then_score(search, tiny_datase
     # the registered model also loads from a plain local folder; one study folder is an input
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
-    local = mlflow.artifacts.download_artifacts(artifact_uri="models:/cspine-fracture@champion",
-                                                dst_path=str(tmp_path / "model"))
+    from cspine_ray.predict.cli import local_model
+
+    local = local_model("models:/cspine-fracture@champion", uri, tmp_path)
     good = next(s for s in studies if s != "1.2.3.4.5.6")
     one = inputs / good
     assert main(["predict", "--model", local, "--input", str(one), "--out", str(tmp_path / "one.csv")]) == 0
@@ -296,6 +296,7 @@ def test_a_calibrated_trial_is_scored_cross_fitted_and_promoted_with_its_calibra
     import mlflow
 
     from cspine_ray.models.calibrator import Calibrator
+    from cspine_ray.predict.cli import local_model
     from cspine_ray.train.result import evaluate_result, fit_result_calibrator, load_result
 
     storage, uri = search
@@ -310,9 +311,7 @@ def test_a_calibrated_trial_is_scored_cross_fitted_and_promoted_with_its_calibra
     figures = evaluate_result(result, shards, int(run.data.params["top_n"]), calibrate=True)
     assert run.data.metrics["oof_metric"] == pytest.approx(figures["oof_metric"])
     promoted = promote(uri, run_id=run.info.run_id, force=True)
-    mlflow.set_tracking_uri(uri)
-    local = Path(mlflow.artifacts.download_artifacts(
-        artifact_uri=f"models:/cspine-fracture/{promoted.version}", dst_path=str(tmp_path / "m")))
+    local = Path(local_model(f"models:/cspine-fracture/{promoted.version}", uri, tmp_path))
     info = json.loads(next(local.rglob("model.json")).read_text())
     assert info["calibrate"] is True
     assert Calibrator.from_dict(info["calibrator"]) == fit_result_calibrator(result, shards)
