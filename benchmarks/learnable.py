@@ -68,6 +68,12 @@ PRESETS.update({  # the recipe for few positives
     "label on every step": {"sequence.step_loss": 1.0, "sequence.step_target": "label"},
     "weight decay 0.05": {"optim.weight_decay": 0.05},
 })
+PRESETS.update({  # stage 2 sees the vertebra it judges (stage 1's per-vertebra boxes)
+    "vertebra crop": {"stage1.vertebra_boxes": True, "sequence.crop": "vertebra"},
+    "box channel": {"stage1.vertebra_boxes": True, "sequence.box_channel": True},
+    "vertebra crop + box channel": {"stage1.vertebra_boxes": True, "sequence.crop": "vertebra",
+                                    "sequence.box_channel": True},
+})
 PRESETS["recipe (EMA, balanced, label on every step)"] = {
     **PRESETS["EMA weights"], **PRESETS["balanced fractures"], **PRESETS["label on every step"]}
 HELDOUT_COLUMNS = ("model", "test metric", "/ prior", "patient AUC", "vertebra AUC",
@@ -142,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             runs[arm].append((figures, result, timing))
             print(f"seed {seed}, {arm}: OOF metric {figures['oof_metric']:.4f}, patient AUC "
                   f"{figures['oof_auc_patient_overall']:.3f}, best epoch {result.info.best_epoch}, "
-                  f"last CV {result.info.last['cv_metric']:.4f}", flush=True)
+                  f"last CV {result.info.last['cv_metric']:.4f}; {stage1_figures(result)}",
+                  flush=True)
             if test is not None:
                 preds = heldout_predictions(result, test, args.storage / "heldout-predictions"
                                             / str(args.test_studies),
@@ -171,6 +178,18 @@ def main(argv: list[str] | None = None) -> int:
                         for arm, figures in tested.items()],
                        ("model", *(k[len("auc_kind_"):] for k in kinds))))
     return 0
+
+
+def stage1_figures(result) -> str:
+    """The chosen stage-1 epoch's CV figures: ratio + box error, z error and, with per-vertebra
+    boxes, their IoU."""
+    from cspine_ray.train.result import load_result
+
+    best = load_result(result.info.stage1_dir).info.best
+    text = f"stage 1 error {best['cv_metric']:.4f}, z {best['cv_z_error']:.2f} slices"
+    if "cv_vertebra_box_iou" in best:
+        text += f", vertebra box IoU {best['cv_vertebra_box_iou']:.3f}"
+    return text
 
 
 def heldout_row(name: str, figures: list[dict]) -> list[str]:

@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 
 from cspine_ray import TARGETS, VERTEBRAE  # noqa: E402
 from cspine_ray.datasets.windowing import apply_windows  # noqa: E402
+from cspine_ray.datasets.tables import split_table  # noqa: E402
 from cspine_ray.metric import roc_auc  # noqa: E402
 
 
@@ -84,9 +85,10 @@ def sagittal_figure(volume: np.ndarray, spacing: tuple[float, float, float],
     z, h, w = volume.shape
     x, front, back = w // 2, 0.3 * h, 0.7 * h
     if slice_table is not None:
-        shown = (slice_table[:, :7].max(1) > 0.5) & np.isfinite(slice_table[:, 7:]).all(1)
+        ratio, box, _ = split_table(slice_table)
+        shown = (ratio.max(1) > 0.5) & np.isfinite(box).all(1)
         if shown.any():
-            boxes = slice_table[shown, 7:]
+            boxes = box[shown]
             x = int(np.clip((boxes[:, 0] + boxes[:, 2]).mean() / 2 * w, 0, w - 1))
             front, back = boxes[:, 1].mean() * h, boxes[:, 3].mean() * h
     image = apply_windows(volume[:, :, x], ["bone"])[0]

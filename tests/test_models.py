@@ -380,15 +380,33 @@ def test_vertebra_embedding_is_required_checked_and_used():
 
 def test_locator_split_and_decode():
     raw = torch.tensor([[0.0, 100, -100, 0, 0, 0, 0, 2.0, -1.0, -2.0, 1.0]])
-    ratio_logits, box_logits = split_locator_outputs(raw)
-    assert ratio_logits.shape == (1, 7) and box_logits.shape == (1, 4)
-    ratios, boxes = decode_locator(raw)
+    ratio_logits, box_logits, own = split_locator_outputs(raw)
+    assert ratio_logits.shape == (1, 7) and box_logits.shape == (1, 4) and own is None
+    decoded = decode_locator(raw)
+    ratios, boxes = decoded[:, :7], decoded[:, 7:]
     torch.testing.assert_close(ratios[0, :3], torch.tensor([0.5, 1.0, 0.0]))
     s = torch.sigmoid(torch.tensor([2.0, -1.0, -2.0, 1.0]))
     # x0 > x1 and y0 > y1 on the way in: the decoded box has its corners in order
     torch.testing.assert_close(boxes[0], torch.stack([s[2], s[1], s[0], s[3]]))
-    with pytest.raises(ValueError, match="end in 11 values"):
+    with pytest.raises(ValueError, match="end in 11 or 39 values"):
         decode_locator(torch.zeros(2, 10))
+
+
+def test_locator_with_vertebra_boxes_decodes_each_vertebra_box():
+    # C3's own box logits (columns 11 + 2*4 ..) swapped corners; every other vertebra at 0
+    raw = torch.zeros(1, 39)
+    raw[0, 19:23] = torch.tensor([2.0, -1.0, -2.0, 1.0])
+    _, _, own = split_locator_outputs(raw)
+    assert own.shape == (1, 7, 4)
+    torch.testing.assert_close(own[0, 2], torch.tensor([2.0, -1.0, -2.0, 1.0]))
+    decoded = decode_locator(raw)
+    assert decoded.shape == (1, 39)
+    s = torch.sigmoid(torch.tensor([2.0, -1.0, -2.0, 1.0]))
+    torch.testing.assert_close(decoded[0, 19:23], torch.stack([s[2], s[1], s[0], s[3]]))
+    torch.testing.assert_close(decoded[0, 11:19], torch.full((8,), 0.5))
+    model = create_model("slice_locator", backbone=TINY, vertebra_boxes=True)
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 39)
+    assert create_model("slice_locator", backbone=TINY)(torch.rand(2, 3, 32, 32)).shape == (2, 11)
 
 
 # ---- aggregation ------------------------------------------------------------------------------

@@ -234,6 +234,28 @@ def test_init_from_stage1_starts_each_fold_from_its_own_folds_stage1_backbone(ti
         tiny("two_stage", **{"sequence.init_from_stage1": True, "stage1.backbone": "test_convnext"})
 
 
+def test_vertebra_boxes_run_from_stage_1_to_a_stage_2_that_crops_and_marks_the_vertebra(
+        tiny_shards, storage, ray_local):
+    """stage1.vertebra_boxes: the locator exports wide tables and their box IoU on the
+    segmented validation studies; stage 2 with the vertebra crop and the box plane trains and
+    predicts from them."""
+    from cspine_ray.train.loop import FoldRun
+
+    boxes = {"stage1.vertebra_boxes": True}
+    stage1 = ensure_stage1(tiny("two_stage", **boxes), tiny_shards, storage)
+    assert stage1.path != ensure_stage1(tiny("two_stage"), tiny_shards, storage).path
+    iou = stage1.info.best["cv_vertebra_box_iou"]
+    assert 0.0 < iou <= 1.0, iou
+    data = JobData.load(tiny_shards, stage1.path)
+    assert {t.shape[1] for t in data.slice_tables.values()} == {39}
+    cfg = tiny("two_stage", **boxes, **{"sequence.crop": "vertebra", "sequence.box_channel": True})
+    run = FoldRun(make_task("two_stage", cfg, data), 0, torch.device("cpu"))
+    assert run.model.backbone.conv_stem.in_channels == 4   # three slices and the box plane
+    assert math.isfinite(run.train_epoch(0)["train_loss"])
+    preds = run.task.predict([run.model], run.val_uids, torch.device("cpu"))
+    assert preds.shape == (len(run.val_uids), 7) and np.isfinite(preds.to_numpy()).all()
+
+
 def test_a_patient_term_trains_an_epoch_of_whole_study_batches(tiny_shards, storage, ray_local):
     from cspine_ray.train.loop import FoldRun
 

@@ -7,8 +7,11 @@ transposes (the 1st place's), shifts rounded to whole pixels (`whole_pixel_shift
 and scale 0 makes the affine an exact shift), intensity and contrast, and Gaussian noise. Every
 sample of a batch draws its own parameters; a (B, L, C, H, W) vertebra sequence gets one
 draw per sample for all L steps (the steps are folded into channels), so a sequence stays
-spatially consistent. Stage-1 boxes are moved with the image: flip, then the affine, then the
-bounding box of the moved corners, clipped to the image.
+spatially consistent. Stage-1 boxes (one or several per sample) are moved with the image: flip,
+then the affine, then the bounding box of the moved corners, clipped to the image. The last
+`fixed_channels` channels of each image (or step) are planes that mark places, such as stage
+2's box channel: they move with the image but keep their values (no brightness, contrast,
+cutout or noise).
 
 All random numbers come from `generator` (CPU by default): one `torch.rand` call for the thesis
 set, then, only when a later option is on, one for those and one `torch.randn` for the noise (so
@@ -72,16 +75,22 @@ def _symmetric(u: torch.Tensor, limit: float) -> torch.Tensor:
 
 
 def augment_batch(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None,
-                  boxes: torch.Tensor | None = None):
+                  boxes: torch.Tensor | None = None, fixed_channels: int = 0):
     """Augment a batch x (B, C, H, W) or (B, L, C, H, W); returns x, or (x, boxes) when boxes
-    (B, 4) normalised x0, y0, x1, y1 are given (NaN boxes stay NaN)."""
+    (B, 4) or (B, K, 4) normalised x0, y0, x1, y1 are given (NaN boxes stay NaN). The last
+    `fixed_channels` of the C channels are only moved."""
     if x.dim() not in (4, 5):
         raise ValueError(f"expected (B, C, H, W) or (B, L, C, H, W), got shape {tuple(x.shape)}")
     b, (h, w) = x.shape[0], x.shape[-2:]
-    if boxes is not None and tuple(boxes.shape) != (b, 4):
-        raise ValueError(f"boxes must be ({b}, 4), got {tuple(boxes.shape)}")
+    if boxes is not None and not (boxes.dim() in (2, 3) and len(boxes) == b and boxes.shape[-1] == 4):
+        raise ValueError(f"boxes must be ({b}, 4) or ({b}, K, 4), got {tuple(boxes.shape)}")
+    if not 0 <= fixed_channels <= x.shape[-3]:
+        raise ValueError(f"fixed_channels must be in 0..{x.shape[-3]}, got {fixed_channels}")
     if not cfg.enabled or b == 0:
         return x if boxes is None else (x, boxes)
+    box_shape = None if boxes is None else boxes.shape
+    if boxes is not None:
+        boxes = boxes.reshape(b, -1, 4)
     if cfg.transpose_p > 0 and h != w:
         raise ValueError(f"transpose_p needs square images, got {h} x {w}")
 
@@ -92,9 +101,13 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generato
     if cfg.vflip_p > 0 or cfg.transpose_p > 0 or cfg.noise > 0:
         v = torch.rand((b, 3), generator=generator, device=device).to(x.device, torch.float32)
     out = x.reshape(b, -1, h, w)  # steps folded into channels: one transform per sample
+    # the channels whose values change (the image's, not the fixed planes'): (1, L*C, 1, 1)
+    image = torch.ones(x.shape[-3], dtype=torch.bool, device=x.device)
+    image[x.shape[-3] - fixed_channels:] = False
+    image = image.repeat(out.shape[1] // x.shape[-3])[None, :, None, None]
 
     # brightness / contrast
-    apply = (u[:, _BC] < cfg.brightness_contrast_p)[:, None, None, None]
+    apply = (u[:, _BC] < cfg.brightness_contrast_p)[:, None, None, None] & image
     gain = (1 + _symmetric(u[:, _CONTRAST], cfg.contrast))[:, None, None, None].to(out.dtype)
     shift = _symmetric(u[:, _BRIGHT], cfg.brightness)[:, None, None, None].to(out.dtype)
     out = torch.where(apply, (out * gain + shift).clamp(0.0, 1.0), out)
@@ -103,22 +116,22 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generato
     flip = u[:, _FLIP] < cfg.hflip_p
     out = torch.where(flip[:, None, None, None], out.flip(-1), out)
     if boxes is not None:
-        flipped = torch.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], dim=1)
-        boxes = torch.where(flip[:, None].to(boxes.device), flipped, boxes)
+        flipped = torch.stack([1 - boxes[..., 2], boxes[..., 1], 1 - boxes[..., 0], boxes[..., 3]], -1)
+        boxes = torch.where(flip[:, None, None].to(boxes.device), flipped, boxes)
 
     # vertical flip and transpose: whole-pixel moves, so a crack keeps its pixels
     if cfg.vflip_p > 0:
         flip = v[:, _VFLIP] < cfg.vflip_p
         out = torch.where(flip[:, None, None, None], out.flip(-2), out)
         if boxes is not None:
-            flipped = torch.stack([boxes[:, 0], 1 - boxes[:, 3], boxes[:, 2], 1 - boxes[:, 1]], 1)
-            boxes = torch.where(flip[:, None].to(boxes.device), flipped, boxes)
+            flipped = torch.stack([boxes[..., 0], 1 - boxes[..., 3], boxes[..., 2], 1 - boxes[..., 1]], -1)
+            boxes = torch.where(flip[:, None, None].to(boxes.device), flipped, boxes)
     if cfg.transpose_p > 0:
         swap = v[:, _TRANSPOSE] < cfg.transpose_p
         out = torch.where(swap[:, None, None, None], out.transpose(-1, -2), out)
         if boxes is not None:
-            swapped = boxes[:, [1, 0, 3, 2]]
-            boxes = torch.where(swap[:, None].to(boxes.device), swapped, boxes)
+            swapped = boxes[..., [1, 0, 3, 2]]
+            boxes = torch.where(swap[:, None, None].to(boxes.device), swapped, boxes)
 
     # shift-scale-rotate: forward map A u + t in normalised [-1, 1] coordinates
     apply = u[:, _AFFINE] < cfg.affine_p
@@ -155,25 +168,28 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generato
         in_y = (ys[None, None, :] - cy[:, :, None]).abs() < half    # (B, n, H)
         holes = (in_y[:, :, :, None] & in_x[:, :, None, :]).any(dim=1)  # (B, H, W)
         holes &= (u[:, _CUT] < cfg.cutout_p)[:, None, None]
-        out = out.masked_fill(holes[:, None], 0.0)
+        out = out.masked_fill(holes[:, None] & image, 0.0)
 
     if cfg.noise > 0:
         noisy = v[:, _NOISE] < cfg.noise_p
         noise = torch.randn(out.shape, generator=generator, device=device).to(out.device, out.dtype)
-        out = torch.where(noisy[:, None, None, None], (out + cfg.noise * noise).clamp(0.0, 1.0), out)
+        noisy = noisy[:, None, None, None] & image
+        out = torch.where(noisy, (out + cfg.noise * noise).clamp(0.0, 1.0), out)
 
     out = out.reshape(x.shape)
-    return out if boxes is None else (out, boxes)
+    return out if boxes is None else (out, boxes.reshape(box_shape))
 
 
 def _move_boxes(boxes: torch.Tensor, forward: torch.Tensor, t: torch.Tensor,
                 apply: torch.Tensor) -> torch.Tensor:
-    """Bounding box of the four moved corners, clipped to [0, 1]; rows not in `apply` unchanged."""
-    x0, y0, x1, y1 = boxes.unbind(1)
-    corners = torch.stack([torch.stack([x0, y0], 1), torch.stack([x1, y0], 1),
-                           torch.stack([x0, y1], 1), torch.stack([x1, y1], 1)], 1)  # (B, 4, 2)
-    moved = (corners * 2 - 1) @ forward.to(boxes.dtype).transpose(1, 2) + t[:, None].to(boxes.dtype)
+    """Bounding box of the four moved corners of (B, K, 4) boxes, clipped to [0, 1]; samples not
+    in `apply` unchanged."""
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    corners = torch.stack([torch.stack([x0, y0], -1), torch.stack([x1, y0], -1),
+                           torch.stack([x0, y1], -1), torch.stack([x1, y1], -1)], -2)  # (B, K, 4, 2)
+    moved = ((corners * 2 - 1) @ forward.to(boxes.dtype).transpose(1, 2)[:, None]
+             + t[:, None, None].to(boxes.dtype))
     moved = (moved + 1) / 2
-    lo, hi = moved.min(dim=1).values, moved.max(dim=1).values  # NaN corners give NaN, as wanted
-    new = torch.cat([lo, hi], dim=1).clamp(0.0, 1.0)
-    return torch.where(apply[:, None], new, boxes)
+    lo, hi = moved.min(dim=-2).values, moved.max(dim=-2).values  # NaN corners give NaN, as wanted
+    new = torch.cat([lo, hi], dim=-1).clamp(0.0, 1.0)
+    return torch.where(apply[:, None, None], new, boxes)

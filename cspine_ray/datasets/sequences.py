@@ -27,6 +27,14 @@ centres spread over the same passing slices, each step its centre and true neigh
 a vertebra with fewer distinct centres than L gets fewer real steps, the rest padding at the end
 (masked by the model, never shown as repeated slices).
 
+Crops. "study" (the thesis): the union of the C1-C7 boxes on the chosen slices, so where two
+vertebrae share slices a negative's crop may show its neighbour's fracture. "vertebra": the union
+of the judged vertebra's own boxes (a wide slice table's, stage1.vertebra_boxes), tight around it
+(the C1-C7 boxes where its own are unknown on every chosen slice). With box_channel each step
+gains a plane that is 1 inside the judged vertebra's own box on the step's middle slice
+(`box_plane`): the model is told which vertebra it judges (the 1st and 4th places gave stage 2
+the vertebra's mask).
+
 Per-step fracture targets (`step_targets`): a step shows the fracture of a fractured vertebra
 when one of its slices carries a fracture box of the study (train_bounding_boxes.csv, one box
 per slice); every step of a vertebra labelled not fractured shows none. A fractured vertebra of
@@ -45,7 +53,7 @@ from torch.utils.data import Dataset
 from cspine_ray import N_VERTEBRAE
 from cspine_ray.datasets.images import read_windowed
 from cspine_ray.datasets.store import ShardStore
-from cspine_ray.datasets.tables import check_slice_table
+from cspine_ray.datasets.tables import check_slice_table, split_table
 from cspine_ray.datasets.windowing import resolve_windows
 from cspine_ray.io.errors import StudyError
 
@@ -54,6 +62,7 @@ MIN_CROP = 0.05  # smallest crop side (fraction of the image): a collapsed predi
 SLICE_CHOICES = ("spread", "run")
 STEP_LAYOUTS = ("spread", "neighbours")
 STEP_TARGETS = ("boxes", "label")
+CROPS = ("study", "vertebra")
 
 
 def smooth_ratios(ratio_table: np.ndarray, smooth: int) -> np.ndarray:
@@ -253,6 +262,24 @@ def study_batches(samples: Sequence[tuple[str, int]], batch_size: int,
             for start in range(0, len(studies), per_batch)]
 
 
+def box_plane(box: np.ndarray, height: int, width: int, crop: tuple[int, int, int, int],
+              size: int) -> np.ndarray:
+    """float32 (size, size): 1 where a pixel's centre lies inside `box` (x0, y0, x1, y1 in [0, 1]
+    of a height x width image) once the pixel crop (y0, y1, x0, x1) is resized to size x size
+    (as `read_windowed` resizes it); all 0 for a box with a NaN."""
+    plane = np.zeros((size, size), np.float32)
+    if not np.isfinite(box).all():
+        return plane
+    y0, y1, x0, x1 = crop
+    centres = (np.arange(size) + 0.5) / size
+    xs = (x0 + centres * (x1 - x0)) / width    # pixel centres in [0, 1] of the image
+    ys = (y0 + centres * (y1 - y0)) / height
+    inside_x = (xs >= box[0]) & (xs < box[2])
+    inside_y = (ys >= box[1]) & (ys < box[3])
+    plane[np.ix_(inside_y, inside_x)] = 1.0
+    return plane
+
+
 def box_to_pixels(box: tuple[float, float, float, float], height: int,
                   width: int) -> tuple[int, int, int, int]:
     """Normalised (x0, y0, x1, y1) -> pixel (y0, y1, x0, x1), end exclusive, at least 1 pixel."""
@@ -268,7 +295,8 @@ class VertebraSequenceDataset(Dataset):
     """(uid, vertebra) samples -> dict of one vertebra's sequence of L 2.5D crops.
 
     Sample keys:
-        image     float32 (L, k * n_windows, crop_size, crop_size), values in [0, 1]; k = per_step
+        image     float32 (L, k * n_windows (+ 1), crop_size, crop_size), values in [0, 1];
+                  k = per_step; with box_channel the last channel of a step is its box plane
         ratio     float32 (L,) the smoothed slice-table ratio of the vertebra at each step's
                   middle slice (how surely the step shows it; an optional input channel)
         vertebra  int (0 = C1 ... 6 = C7)
@@ -286,6 +314,8 @@ class VertebraSequenceDataset(Dataset):
     [0, 1] of the image, so the same crop at up to twice the pixels). layout / offset: the step
     layout (STEP_LAYOUTS) and, for "neighbours", the slice distance between a step's channels.
     step_target: where step_label comes from (STEP_TARGETS: the fracture boxes or the label).
+    crop: what the crop frames (CROPS); box_channel: the judged vertebra's box plane per step.
+    Both read the vertebrae's own boxes of a wide (z, 39) slice table.
     """
 
     def __init__(self, shards_dir: str | Path, samples: Sequence[tuple[str, int]],
@@ -295,11 +325,14 @@ class VertebraSequenceDataset(Dataset):
                  windows: Sequence[str | Sequence[float]] = ("bone",), smooth: int = 5,
                  margin: float = 0.1, per_step: int = 3, choice: str = "spread",
                  native: bool = False, layout: str = "spread", offset: int = 1,
-                 step_target: str = "boxes", max_open: int = 64):
+                 step_target: str = "boxes", crop: str = "study", box_channel: bool = False,
+                 max_open: int = 64):
         if length < 1 or crop_size < 1:
             raise ValueError(f"length and crop_size must be positive, got {length}, {crop_size}")
         if layout not in STEP_LAYOUTS:
             raise ValueError(f"step layout must be one of {STEP_LAYOUTS}, got {layout!r}")
+        if crop not in CROPS:
+            raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
         self.store = ShardStore(shards_dir, max_open=max_open)
         self.samples = [(uid, int(v)) for uid, v in samples]
         for uid, v in self.samples:
@@ -324,10 +357,12 @@ class VertebraSequenceDataset(Dataset):
         self.layout = layout
         self.offset = offset
         self.step_target = step_target
+        self.crop = crop
+        self.box_channel = box_channel
 
     @property
     def channels(self) -> int:
-        return self.per_step * len(self.windows)
+        return self.per_step * len(self.windows) + int(self.box_channel)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -337,19 +372,29 @@ class VertebraSequenceDataset(Dataset):
         shard = self.store.get(uid)
         volume = shard.slices(self.native)
         n, height, width = volume.shape
-        table = check_slice_table(uid, self.slice_tables[uid], n)
+        ratios, boxes, own = split_table(check_slice_table(uid, self.slice_tables[uid], n))
+        if own is None and (self.crop == "vertebra" or self.box_channel):
+            raise StudyError(uid, "the slice table has no per-vertebra boxes, which the vertebra "
+                                  "crop and the box channel need (stage1.vertebra_boxes)")
         indices, step_mask, found = choose_steps(
-            table[:, :N_VERTEBRAE], vertebra, self.length, self.threshold, self.smooth,
+            ratios, vertebra, self.length, self.threshold, self.smooth,
             self.per_step, self.choice, self.layout, self.offset)
-        box = study_crop_box(table[:, N_VERTEBRAE:], indices, self.margin)
+        framed = boxes
+        if self.crop == "vertebra" and np.isfinite(own[indices, vertebra]).all(1).any():
+            framed = own[:, vertebra]
+        box = study_crop_box(framed, indices, self.margin)
         crop = box_to_pixels(box, height, width)
         image = read_windowed(volume, indices, self.windows, self.crop_size, crop)  # (W, kL, S, S)
         size, k = self.crop_size, self.per_step
         image = image.reshape(len(self.windows), self.length, k, size, size).transpose(0, 1)
+        image = image.reshape(self.length, k * len(self.windows), size, size)
         middle = indices.reshape(self.length, k)[:, k // 2]
-        ratio = smooth_ratios(table[:, :N_VERTEBRAE], self.smooth)[middle, vertebra]
+        if self.box_channel:
+            planes = np.stack([box_plane(own[z, vertebra], height, width, crop, size) for z in middle])
+            image = torch.cat([image, torch.from_numpy(planes)[:, None]], dim=1)
+        ratio = smooth_ratios(ratios, self.smooth)[middle, vertebra]
         sample = {
-            "image": image.reshape(self.length, self.channels, size, size).contiguous(),
+            "image": image.contiguous(),
             "ratio": torch.from_numpy(np.clip(ratio, 0.0, 1.0).astype(np.float32)),
             "vertebra": vertebra,
             "found": found,

@@ -6,7 +6,8 @@ Channels are window-major: with windows (w0, w1) and slices (z-k, z, z+k) the im
 the default window's 2.5D image. Neighbours beyond the volume ends repeat the end slice.
 
 Targets per slice: `ratio` (7) and `box` (4) for stage 1 (from the shard's segmentation or a
-given slice table), `visible` = ratio > threshold, and `fracture` = visible x study label.
+given slice table), with `vertebra_boxes` each vertebra's own box (7, 4) too, `visible` = ratio >
+threshold, and `fracture` = visible x study label.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from torch.utils.data import Dataset
 from cspine_ray import N_VERTEBRAE, TARGETS
 from cspine_ray.datasets.images import read_windowed
 from cspine_ray.datasets.store import ShardStore
-from cspine_ray.datasets.tables import check_slice_table
+from cspine_ray.datasets.tables import check_slice_table, split_table
 from cspine_ray.datasets.windowing import resolve_windows
 from cspine_ray.io.errors import StudyError
+from cspine_ray.preprocess.targets import vertebra_boxes as per_vertebra_boxes
 
 
 def slice_items(shards_dir: str | Path, uids: Sequence[str], stride: int = 1,
@@ -63,6 +65,9 @@ class SliceDataset(Dataset):
         box         float32 (4)  C1-C7 box x0, y0, x1, y1 in [0, 1] (zeros when unknown)
         box_valid   bool         box known and the slice shows a vertebra (any ratio > threshold):
                                  where the box loss applies
+        vertebra_box float32 (7, 4) each vertebra's own box } only with vertebra_boxes; zeros
+        vertebra_box_valid bool (7) known and shown     } where unknown; valid where the box
+                                                        } is known and ratio > threshold
         has_targets bool         ratio/box come from a segmentation or the slice table
         visible     float32 (7)  ratio > visibility_threshold
         fracture    float32 (7)  visible x the study's C1..C7 labels   } only when labels
@@ -70,8 +75,9 @@ class SliceDataset(Dataset):
         study       int          index into `self.uids`
         uid         str
         z           int
-    labels: uid -> (8) array in TARGETS order; slice_table: uid -> (z, 11) ratio + box
-    (e.g. stage-1 predictions), used instead of the shard's targets for the uids it has.
+    labels: uid -> (8) array in TARGETS order; slice_table: uid -> (z, 11) ratio + box, or
+    (z, 39) with the vertebrae's boxes (e.g. stage-1 predictions), used instead of the shard's
+    targets for the uids it has; the shard's vertebra boxes come from its mask.
     native: read the shards' native-resolution level where they have one (the 2D families);
     stage 1 reads the shard-size volume.
     """
@@ -80,7 +86,8 @@ class SliceDataset(Dataset):
                  labels: Mapping[str, np.ndarray] | None = None, image_size: int = 384,
                  neighbour_offset: int = 1, windows: Sequence[str | Sequence[float]] = ("bone",),
                  slice_table: Mapping[str, np.ndarray] | None = None,
-                 visibility_threshold: float = 0.5, native: bool = False, max_open: int = 64):
+                 visibility_threshold: float = 0.5, native: bool = False,
+                 vertebra_boxes: bool = False, max_open: int = 64):
         if neighbour_offset < 0:
             raise ValueError(f"neighbour_offset must be >= 0, got {neighbour_offset}")
         if image_size < 1:
@@ -91,6 +98,7 @@ class SliceDataset(Dataset):
         self.neighbour_offset = neighbour_offset
         self.visibility_threshold = visibility_threshold
         self.native = native
+        self.vertebra_boxes = vertebra_boxes
         # compact arrays rather than a list of tuples: cheap to pickle into every worker
         self.uids: list[str] = list(dict.fromkeys(uid for uid, _ in items))
         index = {uid: i for i, uid in enumerate(self.uids)}
@@ -112,13 +120,19 @@ class SliceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.z)
 
-    def _targets(self, uid: str, shard, z: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    def _targets(self, uid: str, shard, z: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+        """ratio (7), C1-C7 box (4), the vertebrae's boxes (7, 4; NaN where unknown), known."""
+        own = np.full((N_VERTEBRAE, 4), np.nan, np.float32)
         if uid in self.slice_table:
-            row = check_slice_table(uid, self.slice_table[uid], shard.volume.shape[0])[z]
-            return row[:N_VERTEBRAE], row[N_VERTEBRAE:], True
+            table = check_slice_table(uid, self.slice_table[uid], shard.volume.shape[0])[z : z + 1]
+            ratio, box, table_own = split_table(table)
+            return ratio[0], box[0], own if table_own is None else table_own[0], True
         if shard.ratio is not None and shard.box is not None:
-            return np.asarray(shard.ratio[z], np.float32), np.asarray(shard.box[z], np.float32), True
-        return np.zeros(N_VERTEBRAE, np.float32), np.full(4, np.nan, np.float32), False
+            if self.vertebra_boxes and shard.mask is not None:
+                own = per_vertebra_boxes(np.asarray(shard.mask[z : z + 1]))[0]
+            return (np.asarray(shard.ratio[z], np.float32), np.asarray(shard.box[z], np.float32),
+                    own, True)
+        return np.zeros(N_VERTEBRAE, np.float32), np.full(4, np.nan, np.float32), own, False
 
     def __getitem__(self, i: int) -> dict:
         s, z = int(self.study[i]), int(self.z[i])
@@ -132,7 +146,7 @@ class SliceDataset(Dataset):
         image = read_windowed(shard.slices(self.native), neighbours, self.windows, self.image_size)
         image = image.reshape(self.channels, self.image_size, self.image_size)
 
-        ratio, box, has_targets = self._targets(uid, shard, z)
+        ratio, box, own, has_targets = self._targets(uid, shard, z)
         visible = (ratio > self.visibility_threshold).astype(np.float32)
         box_valid = bool(np.isfinite(box).all() and visible.any())
         sample = {
@@ -142,6 +156,7 @@ class SliceDataset(Dataset):
             "box_valid": box_valid,
             "has_targets": has_targets,
             "visible": torch.from_numpy(visible),
+            **self._vertebra_box_targets(own, visible),
             "study": s,
             "uid": uid,
             "z": z,
@@ -151,3 +166,10 @@ class SliceDataset(Dataset):
             sample["fracture"] = torch.from_numpy(visible * label[:N_VERTEBRAE])
             sample["label"] = torch.from_numpy(label.copy())
         return sample
+
+    def _vertebra_box_targets(self, own: np.ndarray, visible: np.ndarray) -> dict:
+        if not self.vertebra_boxes:
+            return {}
+        valid = np.isfinite(own).all(1) & (visible > 0)
+        return {"vertebra_box": torch.from_numpy(np.nan_to_num(own, nan=0.0)),
+                "vertebra_box_valid": torch.from_numpy(valid)}

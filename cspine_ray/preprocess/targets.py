@@ -3,6 +3,7 @@
 ratio[z, k] = pixels of vertebra C(k+1) in slice z / its maximum over the study's slices.
 box[z]      = (x0, y0, x1, y1) of the C1-C7 connected regions in slice z, normalised to [0, 1];
               NaN where the slice shows no cervical vertebra.
+vertebra_boxes[z, k] = the same box of vertebra C(k+1) alone (stage 1's per-vertebra boxes).
 """
 
 from __future__ import annotations
@@ -53,6 +54,27 @@ def cervical_boxes(labels: np.ndarray, min_region_pixels: int = 8) -> np.ndarray
             y0, y1 = min(sl[0].start for sl in keep), max(sl[0].stop for sl in keep)
             x0, x1 = min(sl[1].start for sl in keep), max(sl[1].stop for sl in keep)
             boxes[zi] = (x0 / w, y0 / h, x1 / w, y1 / h)
+    return boxes
+
+
+def vertebra_boxes(labels: np.ndarray, min_region_pixels: int = 8) -> np.ndarray:
+    """(z, 7, 4) normalised box of each of C1..C7 per slice (x0, y0, x1, y1; NaN where the slice
+    shows none of it), from that vertebra's in-slice connected regions of at least
+    `min_region_pixels` pixels, as `cervical_boxes` keeps them for the union."""
+    z, h, w = labels.shape
+    boxes = np.full((z, N_VERTEBRAE, 4), np.nan, dtype=np.float32)
+    structure = ndimage.generate_binary_structure(2, 1)
+    for zi in range(z):
+        present = np.unique(labels[zi])
+        for v in present[(present >= 1) & (present <= N_VERTEBRAE)]:
+            regions, n = ndimage.label(labels[zi] == v, structure=structure)
+            sizes = np.bincount(regions.ravel(), minlength=n + 1)
+            keep = [sl for rid, sl in enumerate(ndimage.find_objects(regions), start=1)
+                    if sl is not None and sizes[rid] >= min_region_pixels]
+            if keep:
+                y0, y1 = min(sl[0].start for sl in keep), max(sl[0].stop for sl in keep)
+                x0, x1 = min(sl[1].start for sl in keep), max(sl[1].stop for sl in keep)
+                boxes[zi, v - 1] = (x0 / w, y0 / h, x1 / w, y1 / h)
     return boxes
 
 

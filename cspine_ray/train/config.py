@@ -14,7 +14,7 @@ from typing import Any
 from cspine_ray import N_VERTEBRAE
 from cspine_ray.config import digest, drop, from_dict, get_dotted, select, set_dotted, to_dict
 from cspine_ray.datasets.augment import AugmentConfig
-from cspine_ray.datasets.sequences import SLICE_CHOICES, STEP_LAYOUTS, STEP_TARGETS
+from cspine_ray.datasets.sequences import CROPS, SLICE_CHOICES, STEP_LAYOUTS, STEP_TARGETS
 from cspine_ray.models.sequence import SEQUENCE_HEADS
 from cspine_ray.train.families import LATER_SETTINGS, LOCATOR_SECTIONS, UNKEYED, Family, family
 
@@ -101,6 +101,9 @@ class Stage1Config:
     pseudo_rounds: int = 0
     pseudo_weight: float = 1.0      # pseudo-labelled slices per epoch / ground-truth slices
     pseudo_min_peak: float = 0.5    # a study is pseudo-labelled when every vertebra peaks above
+    # a box per vertebra per slice beside the C1-C7 one (its slice tables are (z, 39)): where
+    # stage 2's vertebra crop and box channel come from. Trained on the segmented studies' masks
+    vertebra_boxes: bool = False
 
     def __post_init__(self):
         if self.ratio_loss not in ("bce", "l1"):
@@ -153,10 +156,18 @@ class SequenceConfig:
     # vertebrae), and the top-N rule applied to their vertebra logits learns patient_overall
     # (with its metric weight); 0 = off
     patient_loss: float = 0.0
+    # what a vertebra's crop frames (CROPS): "study", the thesis's union of the C1-C7 boxes on
+    # its slices; "vertebra", the union of its own boxes (needs stage1.vertebra_boxes): tight,
+    # and no neighbour's fracture in a negative's view
+    crop: str = "study"
+    # a plane marking the judged vertebra's own box on each step's middle slice (the 1st and 4th
+    # places gave stage 2 the vertebra's mask); needs stage1.vertebra_boxes
+    box_channel: bool = False
 
     def in_chans(self, windows: int) -> int:
-        """Channels of one 2.5D step: per_step slices per window, and the ratio plane."""
-        return self.per_step * windows + int(self.ratio_channel)
+        """Channels of one 2.5D step: per_step slices per window, the box plane and the ratio
+        plane."""
+        return self.per_step * windows + int(self.box_channel) + int(self.ratio_channel)
 
     def __post_init__(self):
         if self.head not in SEQUENCE_HEADS:
@@ -181,6 +192,8 @@ class SequenceConfig:
             raise ValueError(f"sequence.mixup must be >= 0 (0 = off), got {self.mixup}")
         if not self.patient_loss >= 0:
             raise ValueError(f"sequence.patient_loss must be >= 0 (0 = off), got {self.patient_loss}")
+        if self.crop not in CROPS:
+            raise ValueError(f"sequence.crop must be one of {CROPS}, got {self.crop!r}")
         if self.patient_loss and (self.balance or self.mixup):
             raise ValueError("sequence.patient_loss trains on whole studies; sequence.balance "
                              "(repeated vertebrae) and sequence.mixup (blends across studies) "
@@ -233,6 +246,11 @@ class TrainConfig:
             raise ValueError(f"top_n must be in 1..{N_VERTEBRAE}, got {self.top_n}")
         if self.family == "two_stage" and self.sequence.init_from_stage1:
             self._check_stage1_init()
+        s = self.sequence
+        if (self.family == "two_stage" and (s.crop == "vertebra" or s.box_channel)
+                and not self.stage1.vertebra_boxes):
+            raise ValueError("sequence.crop 'vertebra' and sequence.box_channel need stage 1's "
+                             "per-vertebra boxes: set stage1.vertebra_boxes: true")
         if (self.family == "two_stage" and self.sequence.steps == "neighbours"
                 and self.input.neighbour_offset < 1):
             raise ValueError("sequence.steps 'neighbours' needs input.neighbour_offset >= 1 (a step "
@@ -248,7 +266,8 @@ class TrainConfig:
         if stage2 != self.input.channels:
             raise ValueError(f"sequence.init_from_stage1 needs as many input channels in both stages: "
                              f"stage 1 has {self.input.channels}, stage 2 {stage2} (per_step "
-                             f"{self.sequence.per_step}, ratio_channel {self.sequence.ratio_channel})")
+                             f"{self.sequence.per_step}, box_channel {self.sequence.box_channel}, "
+                             f"ratio_channel {self.sequence.ratio_channel})")
 
     @property
     def spec(self) -> Family:

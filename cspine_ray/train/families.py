@@ -56,7 +56,8 @@ UNKEYED = ("input.loader_workers",)
 LATER_SETTINGS = ("augment.vflip_p", "augment.transpose_p", "augment.whole_pixel_shift",
                   "augment.noise", "augment.noise_p", "sequence.steps", "optim.ema",
                   "sequence.step_target", "sequence.balance", "sequence.mixup",
-                  "sequence.patient_loss")
+                  "sequence.patient_loss", "stage1.vertebra_boxes", "sequence.crop",
+                  "sequence.box_channel")
 
 
 def family(name: str) -> Family:

@@ -51,7 +51,7 @@ class JobData:
     folds: dict[str, int]
     labels: dict[str, np.ndarray]            # uid -> float32 (8) in TARGETS order
     segmented: set[str]
-    slice_tables: dict[str, np.ndarray] = field(default_factory=dict)  # uid -> (z, 11)
+    slice_tables: dict[str, np.ndarray] = field(default_factory=dict)  # uid -> (z, 11 or 39)
     stage1_dir: str | None = None            # the stage-1 result the slice tables come from
 
     @classmethod

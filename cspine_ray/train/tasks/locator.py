@@ -29,8 +29,9 @@ from torch import nn
 from cspine_ray import N_VERTEBRAE, VERTEBRAE
 from cspine_ray.datasets import ShardStore, SliceDataset, augment_batch
 from cspine_ray.datasets.anatomy import constrain_table, localisation_errors
-from cspine_ray.datasets.tables import SLICE_TABLE_WIDTH
+from cspine_ray.datasets.tables import split_table, table_width
 from cspine_ray.models import decode_locator, split_locator_outputs
+from cspine_ray.preprocess.targets import vertebra_boxes as per_vertebra_boxes
 from cspine_ray.train.config import OptimConfig, TrainConfig
 from cspine_ray.train.tasks.base import JobData, Studies
 from cspine_ray.train.tasks.slices import SliceTask
@@ -59,6 +60,9 @@ class LocatorTask(SliceTask):
     def native(self) -> bool:
         return False  # stage 1 keeps its small view of whole slices: the shard-size volume
 
+    def vertebra_boxes(self) -> bool:
+        return self.cfg.stage1.vertebra_boxes
+
     def optim(self) -> OptimConfig:
         s1, o = self.cfg.stage1, self.cfg.optim
         return OptimConfig(epochs=s1.epochs * (1 + s1.pseudo_rounds), batch_size=s1.batch_size, lr=s1.lr,
@@ -67,7 +71,9 @@ class LocatorTask(SliceTask):
     def model_spec(self) -> tuple[str, dict[str, Any]]:
         return "slice_locator", {"backbone": self.cfg.stage1.backbone,
                                  "pretrained": self.cfg.pretrained, "weights": self.cfg.weights,
-                                 "in_chans": self.cfg.input.channels, **self.cfg.stage1.model}
+                                 "in_chans": self.cfg.input.channels,
+                                 "vertebra_boxes": self.cfg.stage1.vertebra_boxes,
+                                 **self.cfg.stage1.model}
 
     def split(self, fold: int) -> tuple[list[str], list[str]]:
         return self.data.split(fold, segmented_only=True)
@@ -77,8 +83,12 @@ class LocatorTask(SliceTask):
         return "metric"  # the ratio + box error
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        image, box = augment_batch(batch["image"], self.cfg.augment, generator, boxes=batch["box"])
-        ratio_logits, box_logits = split_locator_outputs(model(image))
+        boxes = batch["box"][:, None]  # (B, 1, 4), then the vertebrae's own: moved together
+        if self.cfg.stage1.vertebra_boxes:
+            boxes = torch.cat([boxes, batch["vertebra_box"]], dim=1)
+        image, boxes = augment_batch(batch["image"], self.cfg.augment, generator, boxes=boxes)
+        box, own = boxes[:, 0], boxes[:, 1:]
+        ratio_logits, box_logits, own_logits = split_locator_outputs(model(image))
         # thesis: L1 on the ratio; L1 on the box where the slice shows a vertebra. With mostly
         # zero ratio targets L1's optimum is "predict 0", so BCE on the soft ratio is the default.
         if self.cfg.stage1.ratio_loss == "bce":
@@ -88,6 +98,8 @@ class LocatorTask(SliceTask):
         valid = batch["box_valid"]
         if valid.any():
             loss = loss + F.l1_loss(torch.sigmoid(box_logits.float())[valid], box[valid])
+        if own_logits is not None and (shown := batch["vertebra_box_valid"]).any():
+            loss = loss + F.l1_loss(torch.sigmoid(own_logits.float())[shown], own[shown])
         return loss
 
     # --- pseudo labels ---------------------------------------------------------------------
@@ -132,14 +144,15 @@ class LocatorTask(SliceTask):
     # --- prediction ------------------------------------------------------------------------
     def model_tables(self, models: Sequence[nn.Module], uids: list[str],
                      device: torch.device) -> dict[str, np.ndarray]:
-        """uid -> float32 (models, z, 11): each model's decoded ratio C1..C7 + box per slice."""
+        """uid -> float32 (models, z, 11 or 39): each model's decoded ratio C1..C7 + box per
+        slice (+ the vertebrae's boxes)."""
         outputs = self.slice_outputs(models, uids, device, stride=1)
+        width = table_width(self.cfg.stage1.vertebra_boxes)
         tables = {}
         for uid in uids:
             zs, raw = outputs[uid]
-            ratio, box = decode_locator(torch.from_numpy(raw))  # (models, n, 7), (models, n, 4)
-            table = np.zeros((len(models), len(zs), SLICE_TABLE_WIDTH), np.float32)
-            table[:, zs] = torch.cat([ratio, box], dim=-1).numpy()
+            table = np.zeros((len(models), len(zs), width), np.float32)
+            table[:, zs] = decode_locator(torch.from_numpy(raw)).numpy()
             tables[uid] = table
         return tables
 
@@ -166,7 +179,9 @@ class LocatorTask(SliceTask):
         """Validation figures per study on its segmentation: mean |ratio error|, box L1 on the
         vertebra slices, and where the vertebrae are (z_error in slices, found; datasets/
         anatomy.localisation_errors), per vertebra too. With stage1.anatomy the same figures
-        of the unconstrained tables come beside them as raw_*."""
+        of the unconstrained tables come beside them as raw_*. With stage1.vertebra_boxes the
+        mean IoU of each vertebra's box with its mask's where the vertebra is shown (ratio >
+        0.5): vertebra_box_iou."""
         per_model = self.model_tables(models, uids, device)
         variants = {"": self.combine(per_model, self.cfg.stage1.anatomy)}
         if self.cfg.stage1.anatomy:
@@ -179,22 +194,30 @@ class LocatorTask(SliceTask):
             shown = np.isfinite(box).all(1) & (ratio.max(1) > 0.5)
             row = {}
             for prefix, tables in variants.items():
-                table = tables[uid]
-                z_error, found = localisation_errors(table[:, :N_VERTEBRAE], ratio)
-                row[f"{prefix}ratio_mae"] = float(np.abs(table[:, :N_VERTEBRAE] - ratio).mean())
-                row[f"{prefix}box_mae"] = (float(np.abs(table[shown, N_VERTEBRAE:] - box[shown]).mean())
+                predicted_ratio, predicted_box, _ = split_table(tables[uid])
+                z_error, found = localisation_errors(predicted_ratio, ratio)
+                row[f"{prefix}ratio_mae"] = float(np.abs(predicted_ratio - ratio).mean())
+                row[f"{prefix}box_mae"] = (float(np.abs(predicted_box[shown] - box[shown]).mean())
                                            if shown.any() else 0.0)
                 row[f"{prefix}z_error"] = float(np.nanmean(z_error)) if np.isfinite(z_error).any() else np.nan
                 row[f"{prefix}found_rate"] = float(np.nanmean(found)) if np.isfinite(found).any() else np.nan
                 if not prefix:
                     row.update({f"z_error_{v}": float(e) for v, e in zip(VERTEBRAE, z_error)})
+            own = split_table(variants[""][uid])[2]
+            if own is not None:
+                truth = (per_vertebra_boxes(np.asarray(shard.mask)) if shard.mask is not None
+                         else np.full(own.shape, np.nan, np.float32))
+                row["vertebra_box_iou"] = mean_box_iou(own, truth, ratio > 0.5)
             rows[uid] = row
         return pd.DataFrame.from_dict(rows, orient="index")
 
     def score(self, preds: pd.DataFrame, uids: list[str]) -> dict[str, float]:
         """metric = ratio_mae + box_mae (what the best epoch is chosen on); z_error (mean over
-        studies of the mean over their vertebrae, in slices), found_rate, z_error_C1..C7."""
+        studies of the mean over their vertebrae, in slices), found_rate, z_error_C1..C7 (and
+        vertebra_box_iou with stage1.vertebra_boxes)."""
         names = ["ratio_mae", "box_mae", "z_error", "found_rate", *(f"z_error_{v}" for v in VERTEBRAE)]
+        if self.cfg.stage1.vertebra_boxes:
+            names.append("vertebra_box_iou")
         if self.cfg.stage1.anatomy:
             names += ["raw_ratio_mae", "raw_box_mae", "raw_z_error", "raw_found_rate"]
         if preds.empty:  # a fold without segmented studies has nothing to validate on
@@ -211,3 +234,17 @@ class LocatorTask(SliceTask):
     def final_outputs(self, model: nn.Module, fold: int, device: torch.device) -> dict[str, np.ndarray]:
         """Out-of-fold slice tables for every training study of this fold, segmented or not."""
         return self.predict_tables([model], self.data.fold_uids(fold), device)
+
+
+def mean_box_iou(predicted: np.ndarray, truth: np.ndarray, shown: np.ndarray) -> float:
+    """Mean IoU of predicted and true (..., 4) boxes x0, y0, x1, y1 over the places `shown`
+    (...) where the true box is known; NaN where there are none."""
+    keep = shown & np.isfinite(truth).all(-1)
+    if not keep.any():
+        return float("nan")
+    p, t = predicted[keep].astype(np.float64), truth[keep].astype(np.float64)
+    w = np.clip(np.minimum(p[:, 2], t[:, 2]) - np.maximum(p[:, 0], t[:, 0]), 0, None)
+    h = np.clip(np.minimum(p[:, 3], t[:, 3]) - np.maximum(p[:, 1], t[:, 1]), 0, None)
+    inter = w * h
+    union = (p[:, 2] - p[:, 0]) * (p[:, 3] - p[:, 1]) + (t[:, 2] - t[:, 0]) * (t[:, 3] - t[:, 1]) - inter
+    return float(np.mean(inter / np.maximum(union, 1e-12)))

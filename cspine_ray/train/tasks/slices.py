@@ -40,10 +40,15 @@ class SliceTask(Task):
             slice_table=self.slice_table() if slice_table is None else slice_table,
             visibility_threshold=self.visibility_threshold(),
             native=self.native(),
+            vertebra_boxes=self.vertebra_boxes(),
         )
 
     def visibility_threshold(self) -> float:
         return self.cfg.input.visibility_threshold
+
+    def vertebra_boxes(self) -> bool:
+        """Samples carry each vertebra's own box (stage 1 with stage1.vertebra_boxes)."""
+        return False
 
     def native(self) -> bool:
         """Read the shards' native-resolution level (the 2D families: input.native)."""

@@ -19,6 +19,8 @@ training sample is blended with another of its batch (`draw_mix`, `mix_batch`). 
 seven vertebra logits is trained on patient_overall (`patient_log_probs`).
 With `steps: neighbours` each step is a centre slice and its true neighbours, and the padding
 steps of a short vertebra are masked out of the sequence head, the attention and the step loss.
+With stage 1's per-vertebra boxes (`stage1.vertebra_boxes`), `crop: vertebra` frames the judged
+vertebra alone and `box_channel` marks its box on every step (datasets/sequences.py).
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ class TwoStageTask(Task):
             crop_size=s.crop_size, windows=self.cfg.input.windows, smooth=s.smooth,
             per_step=s.per_step, choice=s.slice_choice, native=self.cfg.input.native,
             layout=s.steps, offset=self.cfg.input.neighbour_offset, step_target=s.step_target,
+            crop=s.crop, box_channel=s.box_channel,
         )
 
     @property
@@ -113,7 +116,9 @@ class TwoStageTask(Task):
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
         s = self.cfg.sequence
-        image = augment_batch(batch["image"], self.cfg.augment, generator)
+        # the box plane (the last channel of a step) moves with the crop, its values kept
+        image = augment_batch(batch["image"], self.cfg.augment, generator,
+                              fixed_channels=int(s.box_channel))
         if s.mixup > 0:
             image, batch = mix_batch(image, batch, *draw_mix(len(image), s.mixup, generator))
         if s.step_loss > 0:
