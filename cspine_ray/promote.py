@@ -107,6 +107,11 @@ def _promote(tracking_uri: str, experiment: str | None, run_id: str | None, name
                 code_paths=[str(Path(cspine_ray.__file__).parent)], signature=signature(),
                 input_example=input_example(), metadata=info,
                 pip_requirements=requirements())
+            # MLflow 3 shows a logged model's metrics and dataset on its page: the trial's
+            # cross-validated figures, on the shard set it was trained on
+            figures = {k: float(v) for k, v in metrics.items() if k.startswith(("cv_", "oof_"))}
+            mlflow.log_metrics(figures, model_id=logged.model_id,
+                               dataset=training_dataset(result.info.shards_dir))
     version = mlflow.register_model(logged.model_uri, name, tags={k: str(v) for k, v in info.items()})
     client.update_model_version(name, version.version, description=model_card(info, result, metrics))
     if tags.get("mlflow.parentRunId"):  # the search's run links to what it produced
@@ -130,6 +135,14 @@ def _promote(tracking_uri: str, experiment: str | None, run_id: str | None, name
     return Promotion(name=name, version=str(version.version), run_id=run.info.run_id, cv_metric=cv,
                      promoted=promoted, reason=reason,
                      champion_version=str(current.version) if current else "")
+
+
+def training_dataset(shards_dir: str):
+    """The shard set a result was trained on, as the search logs it (`tune/tracking.py`)."""
+    from cspine_ray.preprocess.shards import ShardSet
+    from cspine_ray.tune.tracking import shard_dataset
+
+    return shard_dataset(ShardSet.open(shards_dir))
 
 
 def requirements() -> list[str]:
@@ -164,13 +177,15 @@ def pin(requirement: str, installed: str) -> str:
 
 
 def signature():
-    """One row per study in (its folder; its UID, else the folder name), one row per study out."""
+    """One row per study in (its archive's bytes or its folder; its UID), one row per study out."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
     from cspine_ray import TARGETS
 
-    inputs = Schema([ColSpec("string", "study_dir"), ColSpec("string", "study_uid", required=False)])
+    inputs = Schema([ColSpec("binary", "archive", required=False),
+                     ColSpec("string", "study_dir", required=False),
+                     ColSpec("string", "study_uid", required=False)])
     outputs = Schema([ColSpec("string", "study_uid"), *[ColSpec("double", t) for t in TARGETS],
                       ColSpec("string", "status"), ColSpec("string", "reason"),
                       ColSpec("string", "warnings")])
@@ -178,10 +193,12 @@ def signature():
 
 
 def input_example():
+    """A real study, predicted when the model is logged: the tiny generated one as an archive."""
     import pandas as pd
 
-    return pd.DataFrame({"study_dir": ["/mnt/shared/rsna/test_images/1.2.826.0.1.3680043.10001"],
-                         "study_uid": ["1.2.826.0.1.3680043.10001"]})
+    from cspine_ray.predict.example import example_archive
+
+    return pd.DataFrame({"archive": [example_archive()], "study_uid": ["example"]})
 
 
 def model_card(info: dict, result, metrics: dict) -> str:

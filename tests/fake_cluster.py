@@ -69,6 +69,7 @@ class FakeCluster:
     def start(self) -> "FakeCluster":
         # its own dashboard ports: the test session's local Ray holds the default ones
         dashboard, agent = _free_port(), _free_port()
+        self.dashboard_port = dashboard
         autoscaler = [f"--autoscaling-config={self.config}"] if self.autoscaling else []
         subprocess.run(["ray", "start", "--head", f"--port={PORT}", *self.head, *autoscaler,
                         f"--temp-dir={self.temp_dir}", "--dashboard-host=127.0.0.1",

@@ -8,6 +8,7 @@ import shutil
 import socket
 import tarfile
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -136,7 +137,8 @@ def endpoint(model_folder, ray_local, tmp_path_factory):
     from ray import serve
 
     from cspine_ray.serve.app import ServeOptions
-    from cspine_ray.serve.cli import APP, deployment
+    from cspine_ray.serve.app import deployment
+    from cspine_ray.serve.cli import APP
 
     allowed = tmp_path_factory.mktemp("allowed")
     port = free_port()
@@ -223,11 +225,139 @@ def test_concurrent_requests_are_batched(endpoint, tiny_dataset):
     assert all(r.json()["probabilities"] == pytest.approx(first, abs=1e-6) for r in replies)
 
 
+def test_a_spooled_upload_unpacks_as_its_bytes_do(tmp_path, tiny_dataset):
+    study = sorted((tiny_dataset / "test_images").iterdir())[0]
+    spooled = tmp_path / "upload.bin"
+    spooled.write_bytes(study_archive(study, "tar"))
+    out = extract_study(spooled, tmp_path / "from-file", LIMITS)
+    files = sorted(p.read_bytes() for p in out.iterdir())
+    assert files == sorted(p.read_bytes() for p in study.iterdir())
+    spooled.write_bytes(zip_of({"../x.dcm": b"x"}))
+    with pytest.raises(ArchiveError, match="outside the study"):
+        extract_study(spooled, tmp_path / "refused", LIMITS)
+    spooled.write_bytes(bytes(9 << 20))
+    with pytest.raises(ArchiveError, match="larger than 8 MiB"):
+        extract_study(spooled, tmp_path / "too-large", LIMITS)
+
+
+def test_the_pyfunc_reads_archives_by_the_endpoints_rules_and_folders_only_under_allowed_roots(
+        tmp_path, tiny_dataset, monkeypatch):
+    import base64
+
+    from cspine_ray.predict.pyfunc import InputRefused, study_folder
+
+    study = sorted((tiny_dataset / "test_images").iterdir())[0]
+    archive = study_archive(study)
+    for given in (archive, base64.b64encode(archive).decode()):  # bytes, or JSON's base64
+        out = study_folder({"archive": given}, tmp_path / f"upload-{type(given).__name__}")
+        assert sorted(p.read_bytes() for p in out.iterdir()) == sorted(
+            p.read_bytes() for p in study.iterdir())
+    with pytest.raises(InputRefused, match="outside the study"):
+        study_folder({"archive": zip_of({"../x.dcm": b"x"})}, tmp_path / "escape")
+    with pytest.raises(InputRefused, match="neither bytes nor base64"):
+        study_folder({"archive": "not base64!"}, tmp_path / "garbled")
+    monkeypatch.delenv("CSPINE_ALLOWED_ROOTS", raising=False)
+    with pytest.raises(InputRefused, match="CSPINE_ALLOWED_ROOTS"):   # unset: no folder at all
+        study_folder({"study_dir": str(study)}, tmp_path / "x")
+    monkeypatch.setenv("CSPINE_ALLOWED_ROOTS", f"{tmp_path}:{study.parent}")
+    assert study_folder({"study_dir": str(study)}, tmp_path / "x") == study
+    monkeypatch.setenv("CSPINE_ALLOWED_ROOTS", str(tmp_path))
+    with pytest.raises(InputRefused, match="not under a root"):
+        study_folder({"study_dir": str(study)}, tmp_path / "x")
+    link = tmp_path / "link"                       # a link inside that leads outside: refused
+    link.symlink_to(study)
+    with pytest.raises(InputRefused, match="not under a root"):
+        study_folder({"study_dir": str(link)}, tmp_path / "x")
+    with pytest.raises(InputRefused, match="neither an archive nor a study_dir"):
+        study_folder({"archive": float("nan"), "study_uid": "x"}, tmp_path / "x")
+
+
+@pytest.mark.slow
+def test_a_replica_proves_it_can_predict_before_serving_and_at_each_health_check(model_folder,
+                                                                                 ray_local):
+    import asyncio
+
+    import torch
+
+    from cspine_ray.serve.app import FractureService, ServeOptions
+
+    service = FractureService(ServeOptions(model_path=str(model_folder),
+                                           model_uri=str(model_folder)))
+    asyncio.run(service.check_health())
+    with torch.no_grad():  # a replica whose weights went bad: the check must notice
+        for p in service.ensemble.models[0].parameters():
+            p.fill_(float("nan"))
+    with pytest.raises(RuntimeError, match="probe study"):
+        asyncio.run(service.check_health())
+
+
+def shipped_serve_config(model: Path, port: int, **deployment) -> dict:
+    """serve.yaml as shipped, pointed at `model` and `port`, with deployment settings changed."""
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "serve.yaml").read_text())
+    config["http_options"]["port"] = port
+    app = config["applications"][0]
+    app["args"]["model"] = str(model)
+    app["deployments"][0].update(deployment)
+    return config
+
+
+@pytest.mark.slow
+def test_serve_deploy_of_the_shipped_config_answers_and_sheds_what_it_cannot_queue(
+        model_folder, tiny_dataset, tmp_path):
+    """`serve deploy serve.yaml` (the README's command) onto a running Ray: the application
+    predicts; with one request running and one queued, a burst gets 503s at once, and the
+    replica goes on serving."""
+    import subprocess
+
+    import requests
+    import yaml
+
+    from fake_cluster import FakeCluster
+
+    port = free_port()
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump(shipped_serve_config(
+        model_folder, port, max_ongoing_requests=1, max_queued_requests=1,
+        autoscaling_config={"min_replicas": 1, "max_replicas": 1})))
+    cluster = FakeCluster(tmp_path, None, head_cpus=2).start()
+    try:
+        dashboard = f"http://127.0.0.1:{cluster.dashboard_port}"
+        deployed = cluster.run(["serve", "deploy", str(config), "-a", dashboard], timeout=120)
+        assert deployed.returncode == 0, deployed.stderr
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(180):  # the replica loads the model and predicts its probe first
+            try:
+                if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:  # not up yet, or still deploying
+                pass
+            time.sleep(1)
+        study = study_archive(sorted((tiny_dataset / "test_images").iterdir())[0])
+        first = post(url, study)
+        assert first.status_code == 200 and first.json()["status"] == "ok", first.text
+        replies = []
+        threads = [threading.Thread(target=lambda: replies.append(post(url, study)))
+                   for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        codes = sorted(r.status_code for r in replies)
+        assert codes.count(503) >= 4 and set(codes) <= {200, 503}, codes
+        assert post(url, study).json()["probabilities"] == first.json()["probabilities"]
+        status = cluster.run(["serve", "status", "-a", dashboard])
+        assert "RUNNING" in status.stdout and "HEALTHY" in status.stdout, status.stdout
+    finally:
+        cluster.stop()
+
+
 def test_the_registered_version_behind_a_models_uri(tmp_path):
     from mlflow.tracking import MlflowClient
 
     from cspine_ray.runtime import sqlite_uri
-    from cspine_ray.serve.cli import registered_version
+    from cspine_ray.serve.app import registered_version
 
     uri = sqlite_uri(tmp_path / "mlflow.db")
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import copy
 import os
 import shutil
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pandas as pd
@@ -214,8 +216,14 @@ def test_promote_then_predict_with_a_broken_study_then_score(search, tiny_datase
     assert "the constant prior" in version.description and "last epoch" in version.description
     assert f"manifest hash {trials[0].data.tags['manifest_hash']}" in version.description
     model = mlflow.models.Model.load(local)
-    assert [c["name"] for c in model.signature.inputs.to_dict()] == ["study_dir", "study_uid"]
+    assert [c["name"] for c in model.signature.inputs.to_dict()] == ["archive", "study_dir", "study_uid"]
     assert model.saved_input_example_info is not None
+    # the logged model carries the trial's CV figures and the shard set it was trained on
+    logged = MlflowClient(uri).get_logged_model(model.model_id)
+    by_key = {m.key: m for m in logged.metrics}
+    trial = MlflowClient(uri).get_run(worst.info.run_id)
+    assert by_key["cv_metric"].value == pytest.approx(trial.data.metrics["cv_metric"])
+    assert by_key["cv_metric"].dataset_digest == trials[0].data.tags["manifest_hash"]
     checkout = str(Path(__file__).resolve().parents[1])
     script = f"""
 import importlib.util, json, sys
@@ -233,6 +241,7 @@ out = model.predict(pd.DataFrame({{"study_dir": [{str(one)!r}]}}))
 print(json.dumps(out.iloc[0].to_dict()))
 """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["CSPINE_ALLOWED_ROOTS"] = str(inputs)  # the serving environment's readable folders
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, timeout=300,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -241,6 +250,62 @@ print(json.dumps(out.iloc[0].to_dict()))
     row = json.loads(done.stdout.strip().splitlines()[-1])
     assert row["status"] == "ok"
     assert [row[t] for t in TARGETS] == pytest.approx(here.loc[good].tolist(), abs=1e-6)
+
+
+def test_mlflow_models_serve_answers_an_archive_and_refuses_a_folder_outside_the_roots(
+        search, tiny_dataset, tmp_path):
+    """MLflow's own server for the registered champion, as the README shows it: a study sent as
+    an archive is predicted; a folder outside CSPINE_ALLOWED_ROOTS is refused in its row, one
+    inside is read."""
+    import base64
+    import socket
+
+    import requests
+
+    storage, uri = search
+    promote(uri, experiment=EXPERIMENT)  # a champion, whichever test ran first
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    allowed = tmp_path / "allowed"
+    studies = sorted((tiny_dataset / "test_images").iterdir())
+    shutil.copytree(studies[1], allowed / studies[1].name)
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, CSPINE_ALLOWED_ROOTS=str(allowed))
+    server = subprocess.Popen(["mlflow", "models", "serve", "-m", "models:/cspine-fracture@champion",
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                              env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 300
+        while time.time() < deadline and server.poll() is None:
+            try:
+                if requests.get(f"{url}/ping", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        assert server.poll() is None, server.stderr.read()[-3000:]
+        archive = io.BytesIO()
+        with zipfile.ZipFile(archive, "w") as z:
+            for f in sorted(studies[0].iterdir()):
+                z.write(f, f.name)
+        rows = {}
+        for columns, data in (
+                (["archive", "study_uid"], [[base64.b64encode(archive.getvalue()).decode(), "sent"]]),
+                (["study_dir", "study_uid"], [[str(studies[0]), "outside"],
+                                              [str(allowed / studies[1].name), "inside"]])):
+            reply = requests.post(f"{url}/invocations", timeout=300,
+                                  json={"dataframe_split": {"columns": columns, "data": data}})
+            assert reply.status_code == 200, reply.text[-2000:]
+            rows.update({r["study_uid"]: r for r in reply.json()["predictions"]})
+        assert rows["sent"]["status"] == "ok" and rows["inside"]["status"] == "ok"
+        assert rows["outside"]["status"] == "failed"
+        assert "CSPINE_ALLOWED_ROOTS" in rows["outside"]["reason"]
+        assert all(0 <= rows["sent"][t] <= 1 for t in TARGETS)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
 
 
 def test_resume_after_killing_the_driver(tiny_shards, tmp_path, ray_local):

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from cspine_ray import TARGETS, VERTEBRAE
+from cspine_ray import N_VERTEBRAE, TARGETS, VERTEBRAE
 from cspine_ray.models import create_model
 from cspine_ray.models.calibrator import Calibrator
 from cspine_ray.train.result import TrainResult, found_flags, load_result
@@ -104,6 +104,28 @@ class Ensemble:
                                         found_flags(self.result, uids, tables))
         return pd.DataFrame(probs, index=uids, columns=list(TARGETS)), tables
 
+    @torch.no_grad()
+    def probe(self, shards_dir: str | Path, uid: str) -> None:
+        """Run every model on one sharded study, as a serving replica's health check does:
+        `predict` (the path requests take) must give eight probabilities, stage 1's table must be
+        finite, and the two-stage family's stage 2 judges all seven vertebrae on a table where
+        each takes a seventh of the slices, whatever stage 1 found (a study it finds nothing in
+        would otherwise be answered with the prior alone). Raises RuntimeError, saying what."""
+        probs, tables = self.predict(shards_dir, [uid])
+        checks = {"the probabilities": probs.loc[uid, list(TARGETS)].to_numpy(np.float64)}
+        if uid in tables:
+            checks["stage 1's slice table"] = tables[uid]
+        if self.result.family == "two_stage":
+            banded = {uid: seventh_bands(len(tables[uid]), tables[uid].shape[1])}
+            task = make_task("two_stage", self.result.config, Studies(str(shards_dir), banded))
+            checks["stage 2"] = task.predict(self.models, [uid], self.device,
+                                             prior=np.full(len(TARGETS), np.nan)).to_numpy(np.float64)
+        for what, values in checks.items():
+            if not np.isfinite(values).all() or (what != "stage 1's slice table"
+                                                 and ((values < 0) | (values > 1)).any()):
+                raise RuntimeError(f"the models answer the probe study with non-probabilities in "
+                                   f"{what}: {np.asarray(values).ravel()[:8].tolist()}")
+
     def found(self, tables: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Per study of `tables` (predict's stage-1 tables), which vertebrae stage 1 saw: the
         found flags of stage 2's slice choice (7 bools)."""
@@ -114,3 +136,11 @@ class Ensemble:
         return pd.Series(self.prior, index=list(TARGETS))
 
 
+def seventh_bands(n_slices: int, width: int) -> np.ndarray:
+    """A (n_slices, width) slice table in which C1..C7 each fill a seventh of the slices (ratio
+    1), every box the middle half of the image: a table on which stage 2 judges each vertebra."""
+    table = np.zeros((n_slices, width), np.float32)
+    table[:, N_VERTEBRAE:] = np.tile([0.25, 0.25, 0.75, 0.75], (width - N_VERTEBRAE) // 4)
+    for v, band in enumerate(np.array_split(np.arange(n_slices), N_VERTEBRAE)):
+        table[band, v] = 1.0
+    return table

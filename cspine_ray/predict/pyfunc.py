@@ -7,14 +7,22 @@ A bundle folder (logged as the model's artifact) holds:
     preprocess.json                                   (the shard settings training used)
     model.json                        (family, top_n or calibrator, cv_metric, run id)
 
-`predict(DataFrame with a "study_dir" column)` shards each study exactly as training did and
-returns C1..C7 + patient_overall per study; a study that cannot be read gets the training
+`predict(DataFrame)` takes one row per study: `archive` (the bytes of a zip or tar of its DICOM
+files, or their base64 as JSON carries them: what `mlflow models serve` is sent) or `study_dir`
+(a folder on the serving machine, read only under the roots that CSPINE_ALLOWED_ROOTS names,
+separated by the path separator: a client must not make the server read any folder it likes),
+and an optional `study_uid`. Each study is sharded exactly as training did; the answer is
+C1..C7 + patient_overall per study. A study that cannot be read, an archive refused by the
+endpoint's rules (`serve/archive.py`) or a path outside the allowed roots gets the training
 prior and its reason in the `reason` column, never an exception.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,6 +35,44 @@ from cspine_ray.preprocess.shards import study_path
 
 KEEP = ("result.json", "config.yaml")
 PREPROCESS = "preprocess.json"
+ALLOWED_ROOTS_ENV = "CSPINE_ALLOWED_ROOTS"
+
+
+class InputRefused(ValueError):
+    """A row the model will not read (the reason is answered in its `reason` column)."""
+
+
+def allowed_roots() -> tuple[str, ...]:
+    """The folders a `study_dir` may lie under: CSPINE_ALLOWED_ROOTS of the serving environment
+    (none when unset: only archives are read)."""
+    return tuple(r for r in os.environ.get(ALLOWED_ROOTS_ENV, "").split(os.pathsep) if r)
+
+
+def study_folder(row: dict, work: Path) -> Path:
+    """The folder of one input row's study: its archive unpacked under `work` by the endpoint's
+    rules, or its `study_dir` when that lies under an allowed root; else InputRefused."""
+    from cspine_ray.io.rsna import resolves_inside
+    from cspine_ray.serve.archive import ArchiveError, extract_study
+
+    archive = row.get("archive")
+    if archive is not None and not (isinstance(archive, float) and archive != archive):  # NaN
+        if isinstance(archive, str):  # base64, as JSON carries binary columns
+            try:
+                archive = base64.b64decode(archive, validate=True)
+            except (binascii.Error, ValueError):
+                raise InputRefused("the archive is neither bytes nor base64") from None
+        try:
+            return extract_study(bytes(archive), work)
+        except ArchiveError as e:
+            raise InputRefused(str(e)) from None
+    folder = row.get("study_dir")
+    if not isinstance(folder, str) or not folder:
+        raise InputRefused("the row has neither an archive nor a study_dir")
+    roots = allowed_roots()
+    if not any(resolves_inside(folder, r) for r in roots):
+        raise InputRefused(f"the folder is not under a root this model may read (set "
+                           f"{ALLOWED_ROOTS_ENV} where it is served)")
+    return Path(folder)
 
 
 def make_bundle(result_dir: str | Path, stage1_dir: str | Path | None, shards_dir: str | Path,
@@ -65,11 +111,20 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from cspine_ray.predict.inputs import shard_study
 
-        items = [{"study_uid": str(r.get("study_uid") or Path(r["study_dir"]).name),
-                  "study_dir": str(r["study_dir"]), "index": i}
-                 for i, r in enumerate(model_input.to_dict("records"))]
+        rows = []
         with tempfile.TemporaryDirectory(prefix="cspine-predict-") as work:
-            rows = [shard_study(item, self.preprocess, work) for item in items]
+            for i, r in enumerate(model_input.to_dict("records")):
+                uid = r.get("study_uid")
+                if not isinstance(uid, str) or not uid:  # never an archive member's name
+                    uid = Path(r["study_dir"]).name if isinstance(r.get("study_dir"), str) else f"study-{i}"
+                try:
+                    folder = study_folder(r, Path(work) / f"upload-{i}")
+                except InputRefused as e:
+                    rows.append({"study_uid": uid, "status": "failed", "reason": str(e),
+                                 "warnings": ""})
+                    continue
+                rows.append(shard_study({"study_uid": uid, "study_dir": str(folder), "index": i},
+                                        self.preprocess, work))
             return predict_sharded(self.ensemble, work, rows)
 
 

@@ -6,14 +6,22 @@
         ?report=1            also return the sagittal report as a base64 PNG
     GET  /healthz            the model it serves
 
+It is a Ray Serve application: `build_app` is the builder that `serve run serve.yaml` and
+`serve deploy serve.yaml` import (the config's `args:` are its settings, its `deployments:`
+the replicas' queue, health check and autoscaling), and `python -m cspine_ray.serve` starts the
+same application from flags. Requests beyond a replica's `max_ongoing_requests` wait in a queue
+of `max_queued_requests` at most; more are answered 503 at once. Every replica proves it can
+predict before it serves and at each health check: its ensemble predicts a tiny generated study
+(`predict/example.py`) and must answer eight probabilities.
+
 The answer is JSON: `probabilities` (C1..C7, patient_overall), `found` (per vertebra, whether
 stage 1 saw it; null for a family without stage 1), `status`/`reason`/`warnings` as the batch
 predictor gives them, and `model` (URI, registered version, run). Bad input is a 4xx with the
 reason and the replica goes on serving: 400 not an archive or no DICOM inside, 403 a path outside
 the allowed roots, 413 a body over the limit, 422 a series that cannot be read.
 
-Each request's upload is unpacked (`archive.extract_study`), sharded like training data in a
-worker thread, then queued for `serve.batch`: the studies of concurrent requests are predicted
+Each request's upload is spooled to disk as it arrives (never held whole in memory), unpacked
+(`archive.extract_study`), sharded like training data in a worker thread, then queued for `serve.batch`: the studies of concurrent requests are predicted
 together, in one pass of the fold models. Nothing of a study is kept after its answer (unless the
 service was started with --keep), and no patient attribute is ever logged.
 """
@@ -25,7 +33,6 @@ import base64
 import itertools
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -34,18 +41,26 @@ from pathlib import Path
 import numpy as np
 
 from cspine_ray import TARGETS, VERTEBRAE
+from cspine_ray.io.rsna import resolves_inside
 from cspine_ray.serve.archive import ArchiveError, Limits, extract_study
 
 log = logging.getLogger(__name__)
+
+
+MAX_JSON_BYTES = 64 << 10  # a {"path": ...} body; anything larger is not one
+DEPLOYMENT = "FractureService"
+APP_ARGS = ("model", "tracking_uri", "allow_roots", "keep", "max_batch_size", "max_upload_mib")
 
 
 @dataclass(frozen=True)
 class ServeOptions:
     """What every replica is started with (plain data: it travels to the replicas)."""
 
-    model_path: str                       # a local MLflow model folder
+    model_path: str                       # a local MLflow model folder ("" or absent on this
+                                          # replica's node: it downloads model_uri itself)
     model_uri: str                        # what the user asked for (models:/...@champion)
     version: str = ""                     # the registered version behind the URI, when known
+    tracking_uri: str | None = None       # where model_uri resolves
     allow_roots: tuple[str, ...] = ()     # folders a JSON {"path": ...} request may name
     keep: str | None = None               # keep each request's study and shard under here
     limits: Limits = field(default_factory=Limits)
@@ -61,9 +76,7 @@ class RequestError(Exception):
 
 def inside(path: Path, roots: tuple[str, ...]) -> bool:
     """Whether `path` (resolved, symlinks followed) lies inside one of `roots`."""
-    real = Path(os.path.realpath(path))
-    return any(real == Path(os.path.realpath(r)) or Path(os.path.realpath(r)) in real.parents
-               for r in roots)
+    return any(resolves_inside(path, r) for r in roots)
 
 
 class FractureService:
@@ -73,10 +86,12 @@ class FractureService:
         import mlflow.pyfunc
 
         self.options = options
-        wrapper = mlflow.pyfunc.load_model(options.model_path).unwrap_python_model()
-        self.ensemble, self.preprocess, self.info = wrapper.ensemble, wrapper.preprocess, wrapper.info
         self.root = Path(tempfile.mkdtemp(prefix="cspine-serve-"))
+        wrapper = mlflow.pyfunc.load_model(replica_model(options, self.root)).unwrap_python_model()
+        self.ensemble, self.preprocess, self.info = wrapper.ensemble, wrapper.preprocess, wrapper.info
         self.counter = itertools.count()  # names each request's upload and shard
+        self.probe = self._shard_probe()
+        self._probe()  # a replica that cannot predict never serves
 
         from ray import serve
 
@@ -112,22 +127,33 @@ class FractureService:
             self._clean(work, row)
 
     async def _study_from(self, request, work: Path) -> Path:
-        """The folder of the request's study: an upload unpacked under `work`, or an allowed path."""
+        """The folder of the request's study: an upload spooled to `work` and unpacked there, or
+        an allowed path."""
         limits = self.options.limits
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limits.max_request_bytes:
             raise RequestError(413, f"the body is larger than {limits.max_request_bytes >> 20} MiB")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limits.max_request_bytes:
-                raise RequestError(413, f"the body is larger than {limits.max_request_bytes >> 20} MiB")
         if request.headers.get("content-type", "").startswith("application/json"):
-            return self._allowed_path(body)
+            body = bytearray()
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > MAX_JSON_BYTES:
+                    raise RequestError(413, f"a JSON body is at most {MAX_JSON_BYTES >> 10} KiB")
+            return self._allowed_path(bytes(body))
+        work.mkdir(parents=True)
+        spooled, size = work / "upload.bin", 0
+        with open(spooled, "wb") as out:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limits.max_request_bytes:
+                    raise RequestError(413, f"the body is larger than {limits.max_request_bytes >> 20} MiB")
+                out.write(chunk)
         try:
-            return await asyncio.to_thread(extract_study, body, work / "upload", limits)
+            return await asyncio.to_thread(extract_study, spooled, work / "upload", limits)
         except ArchiveError as e:
             raise RequestError(400, str(e)) from None
+        finally:
+            spooled.unlink(missing_ok=True)
 
     def _allowed_path(self, body: bytes) -> Path:
         try:
@@ -150,6 +176,29 @@ class FractureService:
         row = shard_study(item, self.preprocess, str(self.root))
         row["work"] = str(work)
         return row
+
+    # --- the health probe --------------------------------------------------------------------
+    def _shard_probe(self) -> str:
+        from cspine_ray.predict.example import write_example_study
+        from cspine_ray.predict.inputs import shard_study
+
+        study = write_example_study(self.root / "probe-study")
+        row = shard_study({"study_uid": "probe", "study_dir": str(study), "index": 0},
+                          self.preprocess, str(self.root / "probe"))  # apart from the requests'
+        shutil.rmtree(self.root / "probe-study", ignore_errors=True)
+        if row["status"] != "ok":
+            raise RuntimeError(f"the replica cannot shard its probe study: {row['reason']}")
+        return row["shard"]
+
+    def _probe(self) -> None:
+        """Every model of the replica on the probe study (`Ensemble.probe`): raises if any
+        answers something that is not a probability."""
+        self.ensemble.probe(self.root / "probe", self.probe)
+
+    async def check_health(self) -> None:
+        """Serve's health check (every health_check_period_s): the replica still predicts.
+        Raising marks it unhealthy, and Serve replaces it."""
+        await asyncio.to_thread(self._probe)
 
     # --- batched prediction ------------------------------------------------------------------
     async def _predict_batch(self, rows: list[dict]) -> list[tuple[dict, np.ndarray | None]]:
@@ -198,3 +247,69 @@ class FractureService:
         return {"uri": self.options.model_uri, "version": self.options.version,
                 "run_id": self.info.get("run_id", ""), "family": self.info.get("family", ""),
                 "cv_metric": self.info.get("cv_metric")}
+
+
+def registered_version(model_uri: str, tracking_uri: str | None) -> str:
+    """The version number behind models:/<name>@<alias> or models:/<name>/<version>; "" else."""
+    if not model_uri.startswith("models:/"):
+        return ""
+    from mlflow.tracking import MlflowClient
+
+    name, _, ref = model_uri.removeprefix("models:/").partition("@")
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    if ref:
+        return str(client.get_model_version_by_alias(name, ref).version)
+    return name.rpartition("/")[2]
+
+
+def replica_model(options: ServeOptions, work: Path) -> str:
+    """The local model folder this replica loads: the given one where this node has it, else
+    `model_uri` downloaded here (a replica on another node than the one that resolved it)."""
+    if options.model_path and Path(options.model_path).is_dir():
+        return options.model_path
+    from cspine_ray.predict.cli import local_model
+
+    return local_model(options.model_uri, options.tracking_uri, work)
+
+
+def deployment(options: ServeOptions, replicas: int = 1, gpus: float = 0.0,
+               max_queued_requests: int | None = None):
+    """The Serve application: FractureService replicas, autoscaled from 1 to `replicas`; each
+    runs up to 4 batches at once, and `max_queued_requests` more wait (default as many again),
+    beyond which requests are answered 503. A serve config's `deployments:` overrides these."""
+    from ray import serve
+
+    ongoing = 4 * options.max_batch_size
+    service = serve.deployment(
+        FractureService, name=DEPLOYMENT,
+        autoscaling_config={"min_replicas": 1, "max_replicas": max(1, replicas),
+                            "target_ongoing_requests": options.max_batch_size},
+        max_ongoing_requests=ongoing,
+        max_queued_requests=ongoing if max_queued_requests is None else max_queued_requests,
+        health_check_period_s=60, health_check_timeout_s=120,
+        ray_actor_options={"num_cpus": 0 if gpus else 1, "num_gpus": gpus},
+    )
+    return service.bind(options)
+
+
+def build_app(args: dict):
+    """Ray Serve's application builder (`import_path: cspine_ray.serve.app:build_app`): the
+    config's `args:` (APP_ARGS) -> the application. The model URI resolves with the tracking
+    rule of every command (`tracking_uri`, else MLFLOW_TRACKING_URI, else runs/mlflow.db of the
+    folder Serve runs in); each replica downloads the model on its own node."""
+    from cspine_ray.predict.cli import registry_uri
+
+    unknown = sorted(set(args) - set(APP_ARGS))
+    if unknown:
+        raise ValueError(f"unknown cspine-ray serve argument(s) {unknown}; known: {list(APP_ARGS)}")
+    model = str(args.get("model") or "models:/cspine-fracture@champion")
+    tracking = registry_uri(model, args.get("tracking_uri"))
+    max_upload = int(args.get("max_upload_mib") or Limits().max_request_bytes >> 20)
+    options = ServeOptions(
+        model_path=str(Path(model).resolve()) if Path(model).is_dir() else "", model_uri=model,
+        version=registered_version(model, tracking), tracking_uri=tracking,
+        allow_roots=tuple(str(Path(r).resolve()) for r in args.get("allow_roots") or ()),
+        keep=args.get("keep"), max_batch_size=int(args.get("max_batch_size") or 4),
+        limits=Limits(max_request_bytes=max_upload << 20,
+                      max_expanded_bytes=max(3 * (max_upload << 20), Limits().max_expanded_bytes)))
+    return deployment(options)

@@ -94,13 +94,25 @@ def _write_all(streams, dest: Path) -> None:
                 out.write(block)
 
 
-def extract_study(data: bytes, dest: Path, limits: Limits = Limits()) -> Path:
-    """Write the files of an uploaded zip or tar (optionally gzip/bz2/xz) into `dest`, a new
-    folder; returns it. Raises ArchiveError with the reason for anything it refuses."""
-    if len(data) > limits.max_request_bytes:
+def extract_study(data: bytes | Path, dest: Path, limits: Limits = Limits()) -> Path:
+    """Write the files of an uploaded zip or tar (optionally gzip/bz2/xz), given as bytes or as
+    the file it was spooled to, into `dest`, a new folder; returns it. Raises ArchiveError with
+    the reason for anything it refuses."""
+    size = len(data) if isinstance(data, (bytes, bytearray)) else Path(data).stat().st_size
+    if size > limits.max_request_bytes:
         raise ArchiveError(f"the upload is larger than {limits.max_request_bytes >> 20} MiB")
     dest.mkdir(parents=True, exist_ok=False)
-    buffer = io.BytesIO(data)
+    if isinstance(data, (bytes, bytearray)):
+        _extract(io.BytesIO(data), dest, limits)
+    else:
+        with open(data, "rb") as spooled:
+            _extract(spooled, dest, limits)
+    if not any(dest.iterdir()):
+        raise ArchiveError("the archive holds no files")
+    return dest
+
+
+def _extract(buffer, dest: Path, limits: Limits) -> None:
     if zipfile.is_zipfile(buffer):
         try:
             with zipfile.ZipFile(buffer) as archive:
@@ -122,6 +134,3 @@ def extract_study(data: bytes, dest: Path, limits: Limits = Limits()) -> Path:
             raise ArchiveError("the upload is neither a zip nor a tar archive (or is truncated)") from None
         except (tarfile.TarError, EOFError, OSError) as e:
             raise ArchiveError(f"the tar archive cannot be read ({type(e).__name__})") from None
-    if not any(dest.iterdir()):
-        raise ArchiveError("the archive holds no files")
-    return dest

@@ -22,45 +22,17 @@ log = logging.getLogger(__name__)
 APP = "cspine-fracture"
 
 
-def registered_version(model_uri: str, tracking_uri: str | None) -> str:
-    """The version number behind models:/<name>@<alias> or models:/<name>/<version>; "" else."""
-    if not model_uri.startswith("models:/"):
-        return ""
-    from mlflow.tracking import MlflowClient
-
-    name, _, ref = model_uri.removeprefix("models:/").partition("@")
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    if ref:
-        return str(client.get_model_version_by_alias(name, ref).version)
-    return name.rpartition("/")[2]
-
-
-def deployment(options, replicas: int, gpus: float):
-    """The Serve application: FractureService replicas, autoscaled from 1 to `replicas`."""
-    from ray import serve
-
-    from cspine_ray.serve.app import FractureService
-
-    service = serve.deployment(
-        FractureService, name="FractureService",
-        autoscaling_config={"min_replicas": 1, "max_replicas": max(1, replicas),
-                            "target_ongoing_requests": options.max_batch_size},
-        max_ongoing_requests=4 * options.max_batch_size,
-        ray_actor_options={"num_cpus": 0 if gpus else 1, "num_gpus": gpus},
-    )
-    return service.bind(options)
-
-
 def start(model_uri: str, tracking_uri: str | None = None, host: str = "127.0.0.1",
           port: int = 8000, replicas: int | None = None, gpus_per_replica: float | None = None,
           allow_roots: tuple[str, ...] = (), keep: str | None = None, max_batch_size: int = 4,
-          work_dir: str | None = None, address: str | None = None):
+          work_dir: str | None = None, address: str | None = None,
+          max_queued_requests: int | None = None, request_timeout_s: float | None = None):
     """Start Serve and deploy the service; returns the application's handle."""
     from ray import serve
 
     from cspine_ray.predict.cli import local_model, replica_plan
     from cspine_ray.runtime import init_ray
-    from cspine_ray.serve.app import ServeOptions
+    from cspine_ray.serve.app import ServeOptions, deployment, registered_version
     from cspine_ray.train.placement import current_cluster
 
     work = Path(work_dir or tempfile.mkdtemp(prefix="cspine-serve-model-"))
@@ -69,10 +41,12 @@ def start(model_uri: str, tracking_uri: str | None = None, host: str = "127.0.0.
     replicas, gpus = replica_plan(current_cluster(), 1 << 20, 1, replicas, gpus_per_replica)
     options = ServeOptions(model_path=model_path, model_uri=model_uri,
                            version=registered_version(model_uri, tracking_uri),
+                           tracking_uri=tracking_uri,
                            allow_roots=tuple(str(Path(r).resolve()) for r in allow_roots),
                            keep=keep, max_batch_size=max_batch_size)
-    serve.start(http_options={"host": host, "port": port})
-    handle = serve.run(deployment(options, replicas, gpus), name=APP, route_prefix="/")
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": request_timeout_s})
+    handle = serve.run(deployment(options, replicas, gpus, max_queued_requests), name=APP,
+                       route_prefix="/")
     log.info("serving %s (version %s) at http://%s:%d/predict with up to %d replica(s)",
              model_uri, options.version or "-", host, port, replicas)
     return handle
@@ -94,6 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-root", action="append", default=[],
                         help='folder that JSON {"path": ...} requests may name (repeatable)')
     parser.add_argument("--keep", help="keep each request's study and shard under this folder")
+    parser.add_argument("--max-queued", type=int,
+                        help="requests waiting per replica beyond those it runs, after which "
+                             "new ones are answered 503 (default: as many as it runs, 4 batches)")
+    parser.add_argument("--request-timeout", type=float,
+                        help="seconds before a request is given up on (default: none)")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
 
 
@@ -104,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
 
     tracking = registry_uri(args.model, args.tracking_uri)
     start(args.model, tracking, args.host, args.port, args.replicas, args.gpus_per_replica,
-          tuple(args.allow_root), args.keep, args.max_batch_size, address=args.address)
+          tuple(args.allow_root), args.keep, args.max_batch_size, address=args.address,
+          max_queued_requests=args.max_queued, request_timeout_s=args.request_timeout)
     print(f"serving {args.model} at http://{args.host}:{args.port}/predict (Ctrl-C to stop)",
           flush=True)
     try:

@@ -210,23 +210,12 @@ class MlflowTracker(Callback):
                           f"tags.ray_trial_id = '{trial.trial_id}'")
 
     def dataset_input(self, manifest_hash: str):
-        """The shard set as the run's MLflow dataset (the UI's Dataset column): name, digest
-        (the manifest hash), source folder, and the schema and profile of the manifest's label
-        and split columns (no study UIDs)."""
-        import mlflow.data
+        """The shard set as the run's MLflow dataset (the UI's Dataset column, `shard_dataset`)."""
         from mlflow.entities import DatasetInput, InputTag
 
-        from cspine_ray import TARGETS
-
         if self._dataset is None or self._dataset[0] != manifest_hash:  # once per search
-            columns = ["split", "status", "fold", "has_segmentation", "n_slices", *TARGETS]
-            with warnings.catch_warnings():  # a hint about serving schemas, not about datasets
-                warnings.filterwarnings("ignore", message=".*integer column")
-                dataset = mlflow.data.from_pandas(self.shards.manifest[columns],
-                                                  source=str(self.shards.root),
-                                                  name=f"shards:{self.shards.root.name}",
-                                                  digest=manifest_hash)
-            self._dataset = (manifest_hash, dataset._to_mlflow_entity())
+            self._dataset = (manifest_hash,
+                             shard_dataset(self.shards, manifest_hash)._to_mlflow_entity())
         return DatasetInput(self._dataset[1], tags=[InputTag("mlflow.data.context", "training")])
 
     # --- Tune callback hooks -----------------------------------------------------------------
@@ -329,3 +318,17 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
             out[key] = json.dumps(v, separators=(",", ":")) if isinstance(v, list) else v
     return out
 
+
+def shard_dataset(shards, digest: str | None = None):
+    """A shard set as an MLflow dataset: name, digest (the manifest hash), source folder, and the
+    schema and profile of the manifest's label and split columns (no study UIDs)."""
+    import mlflow.data
+
+    from cspine_ray import TARGETS
+
+    columns = ["split", "status", "fold", "has_segmentation", "n_slices", *TARGETS]
+    with warnings.catch_warnings():  # a hint about serving schemas, not about datasets
+        warnings.filterwarnings("ignore", message=".*integer column")
+        return mlflow.data.from_pandas(shards.manifest[columns], source=str(shards.root),
+                                       name=f"shards:{shards.root.name}",
+                                       digest=digest or shards.hash)
