@@ -309,8 +309,6 @@ def test_serve_deploy_of_the_shipped_config_answers_and_sheds_what_it_cannot_que
     """`serve deploy serve.yaml` (the README's command) onto a running Ray: the application
     predicts; with one request running and one queued, a burst gets 503s at once, and the
     replica goes on serving."""
-    import subprocess
-
     import requests
     import yaml
 

@@ -65,11 +65,15 @@ def search(tmp_path_factory, tiny_shards, ray_local):
     here.mkdir()
     cwd = Path.cwd()
     os.chdir(here)
+    printed = io.StringIO()
     try:
-        rc = main(["tune", "--space", str(space), "--shards", str(tiny_shards), "--storage",
-                   str(storage), "--experiment", EXPERIMENT, "--seed", "3"])
+        with contextlib.redirect_stdout(printed):
+            rc = main(["tune", "--space", str(space), "--shards", str(tiny_shards), "--storage",
+                       str(storage), "--experiment", EXPERIMENT, "--seed", "3"])
     finally:
         os.chdir(cwd)
+    print(printed.getvalue())
+    (root / "tune.out").write_text(printed.getvalue())  # what the user read
     assert rc == 0
     return storage, sqlite_uri(storage / "mlflow.db")
 
@@ -306,6 +310,56 @@ def test_mlflow_models_serve_answers_an_archive_and_refuses_a_folder_outside_the
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None and not os.environ.get("CI"),
+                    reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_the_mlflow_ui_shows_the_search_as_training_runs_with_their_dataset_and_source(
+        search, tmp_path):
+    """`mlflow ui` as tune prints it, the page tune prints, in a real headless browser: the
+    training runs (the parent run with its dataset and its command), not the GenAI overview."""
+    import re
+    import socket
+
+    import requests
+
+    storage, uri = search
+    printed = (storage.parent / "tune.out").read_text()
+    command = re.search(r"open the UI:  (mlflow ui .*)", printed).group(1).split()
+    page = re.search(r"its runs: +(\S+)", printed).group(1)
+    assert page.startswith("http://127.0.0.1:5000/#/experiments/") and page.endswith("/runs")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    page = page.replace(":5000/", f":{port}/")  # the default port may be taken here
+    ui = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port)], cwd=tmp_path,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                time.sleep(1)
+        browser = ["chromium", "--headless", "--no-sandbox", "--disable-gpu",
+                   "--disable-dev-shm-usage", "--virtual-time-budget=30000",
+                   "--window-size=1400,900"]
+        shot = tmp_path / "runs.png"
+        subprocess.run([*browser, f"--screenshot={shot}", page], timeout=180, capture_output=True)
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"      # the picture, for a person
+        dom = subprocess.run([*browser, "--dump-dom", page], timeout=180, capture_output=True,
+                             text=True).stdout
+        text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", re.sub(
+            r"<(script|style)[^>]*>.*?</\1>", "", dom, flags=re.S)))
+        (parent,) = _runs(uri, "search")[1]
+        assert "Training runs" in text and parent.info.run_name in text, text[:2000]
+        assert "shards:shards" in text                       # the dataset: the shard set
+        assert f"--experiment {EXPERIMENT}" in text          # the source: the command as typed
+        assert "Detect Issues" not in text and "Token Usage" not in text
+    finally:
+        ui.terminate()
+        ui.wait(timeout=60)
 
 
 def test_resume_after_killing_the_driver(tiny_shards, tmp_path, ray_local):

@@ -68,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from cspine_ray.runtime import init_ray, record_search, resolve_tracking
     from cspine_ray.tune.data import demo_dataset, demo_preprocess_config, prepared_shards
+    from cspine_ray.tune.results import runs_page
     from cspine_ray.tune.search import SearchOptions, final_results, run_search
     from cspine_ray.tune.space import DemoData, load_space
 
@@ -114,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nMLflow experiment {opts.experiment!r} at {tracking_uri}")
     if tracking_uri.startswith("sqlite"):
         print(f"open the UI:  mlflow ui --backend-store-uri {tracking_uri}")
+    print(f"its runs:     {runs_page(tracking_uri, opts.experiment)}")
     if not finished:  # nothing to promote: a failed search must not look like a finished one
         print(f"cspine-ray tune: no trial of search {name} finished; each trial's error is in "
               f"its MLflow run (tag `error`) and under {storage}", file=sys.stderr)

@@ -24,6 +24,22 @@ from cspine_ray.runtime import TRACKING_HELP
 FIXED = ("trial", "state", "family", "cv_metric", "last_epoch_cv", "calibrated", "reused", "minutes")
 
 
+UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+
+
+def runs_page(tracking_uri: str, experiment: str) -> str:
+    """The MLflow UI page of the experiment's training runs. The bare experiment page is not it:
+    MLflow 3.17 opens an experiment on its GenAI overview (traces, token usage) while the UI's
+    sidebar toggle is on GenAI, its default in a fresh browser, whatever the experiment's kind."""
+    from mlflow.tracking import MlflowClient
+
+    exp = MlflowClient(tracking_uri).get_experiment_by_name(experiment)
+    if exp is None:
+        raise LookupError(f"no MLflow experiment named {experiment!r} at {tracking_uri}")
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else UI
+    return f"{base}/#/experiments/{exp.experiment_id}/runs"
+
+
 def leaderboard(tracking_uri: str, experiment: str) -> pd.DataFrame:
     """The experiment's trials as a table (FIXED columns, then the varied parameters), sorted."""
     from mlflow.tracking import MlflowClient
