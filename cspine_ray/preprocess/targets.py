@@ -33,48 +33,44 @@ def vertebra_ratios(counts: np.ndarray) -> np.ndarray:
     return ratio.astype(np.float32)
 
 
-def cervical_boxes(labels: np.ndarray, min_region_pixels: int = 8) -> np.ndarray:
-    """(z, 4) normalised C1-C7 box per slice from the in-slice connected regions of the mask.
+def region_box(mask: np.ndarray, min_region_pixels: int = 8) -> tuple[float, ...] | None:
+    """Normalised (x0, y0, x1, y1) of a 2-D bool mask's connected regions of at least
+    `min_region_pixels` pixels (a stray labelled voxel does not stretch the box); None if none."""
+    h, w = mask.shape
+    regions, n = ndimage.label(mask, structure=ndimage.generate_binary_structure(2, 1))
+    if n == 0:
+        return None
+    sizes = np.bincount(regions.ravel(), minlength=n + 1)
+    keep = [sl for rid, sl in enumerate(ndimage.find_objects(regions), start=1)
+            if sl is not None and sizes[rid] >= min_region_pixels]
+    if not keep:
+        return None
+    y0, y1 = min(sl[0].start for sl in keep), max(sl[0].stop for sl in keep)
+    x0, x1 = min(sl[1].start for sl in keep), max(sl[1].stop for sl in keep)
+    return (x0 / w, y0 / h, x1 / w, y1 / h)
 
-    Regions smaller than `min_region_pixels` are dropped so a stray labelled voxel does not
-    stretch the box (the thesis keeps the boxes of the mask's connected regions).
-    """
-    z, h, w = labels.shape
-    boxes = np.full((z, 4), np.nan, dtype=np.float32)
-    structure = ndimage.generate_binary_structure(2, 1)  # regions within a slice only
-    for zi in range(z):  # slice by slice: the region map stays one slice big
-        cervical = (labels[zi] >= 1) & (labels[zi] <= N_VERTEBRAE)
-        regions, n = ndimage.label(cervical, structure=structure)
-        if n == 0:
-            continue
-        sizes = np.bincount(regions.ravel(), minlength=n + 1)
-        keep = [sl for rid, sl in enumerate(ndimage.find_objects(regions), start=1)
-                if sl is not None and sizes[rid] >= min_region_pixels]
-        if keep:
-            y0, y1 = min(sl[0].start for sl in keep), max(sl[0].stop for sl in keep)
-            x0, x1 = min(sl[1].start for sl in keep), max(sl[1].stop for sl in keep)
-            boxes[zi] = (x0 / w, y0 / h, x1 / w, y1 / h)
+
+def cervical_boxes(labels: np.ndarray, min_region_pixels: int = 8) -> np.ndarray:
+    """(z, 4) normalised C1-C7 box per slice from the in-slice connected regions of the mask
+    (`region_box`: the thesis keeps the boxes of the mask's connected regions)."""
+    boxes = np.full((len(labels), 4), np.nan, dtype=np.float32)
+    for zi in range(len(labels)):  # slice by slice: the region map stays one slice big
+        box = region_box((labels[zi] >= 1) & (labels[zi] <= N_VERTEBRAE), min_region_pixels)
+        if box is not None:
+            boxes[zi] = box
     return boxes
 
 
 def vertebra_boxes(labels: np.ndarray, min_region_pixels: int = 8) -> np.ndarray:
     """(z, 7, 4) normalised box of each of C1..C7 per slice (x0, y0, x1, y1; NaN where the slice
-    shows none of it), from that vertebra's in-slice connected regions of at least
-    `min_region_pixels` pixels, as `cervical_boxes` keeps them for the union."""
-    z, h, w = labels.shape
-    boxes = np.full((z, N_VERTEBRAE, 4), np.nan, dtype=np.float32)
-    structure = ndimage.generate_binary_structure(2, 1)
-    for zi in range(z):
+    shows none of it), from that vertebra's own regions as `cervical_boxes` keeps them."""
+    boxes = np.full((len(labels), N_VERTEBRAE, 4), np.nan, dtype=np.float32)
+    for zi in range(len(labels)):
         present = np.unique(labels[zi])
         for v in present[(present >= 1) & (present <= N_VERTEBRAE)]:
-            regions, n = ndimage.label(labels[zi] == v, structure=structure)
-            sizes = np.bincount(regions.ravel(), minlength=n + 1)
-            keep = [sl for rid, sl in enumerate(ndimage.find_objects(regions), start=1)
-                    if sl is not None and sizes[rid] >= min_region_pixels]
-            if keep:
-                y0, y1 = min(sl[0].start for sl in keep), max(sl[0].stop for sl in keep)
-                x0, x1 = min(sl[1].start for sl in keep), max(sl[1].stop for sl in keep)
-                boxes[zi, v - 1] = (x0 / w, y0 / h, x1 / w, y1 / h)
+            box = region_box(labels[zi] == v, min_region_pixels)
+            if box is not None:
+                boxes[zi, v - 1] = box
     return boxes
 
 
