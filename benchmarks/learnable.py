@@ -74,6 +74,8 @@ PRESETS.update({  # stage 2 sees the vertebra it judges (stage 1's per-vertebra 
     "vertebra crop + box channel": {"stage1.vertebra_boxes": True, "sequence.crop": "vertebra",
                                     "sequence.box_channel": True},
 })
+PRESETS["vertebra crop + box channel, no resampling"] = {
+    **PRESETS["vertebra crop + box channel"], **PRESETS["no resampling"]}
 PRESETS["recipe (EMA, balanced, label on every step)"] = {
     **PRESETS["EMA weights"], **PRESETS["balanced fractures"], **PRESETS["label on every step"]}
 HELDOUT_COLUMNS = ("model", "test metric", "/ prior", "patient AUC", "vertebra AUC",
