@@ -241,9 +241,10 @@ def test_vertebra_boxes_run_from_stage_1_to_a_stage_2_that_crops_and_marks_the_v
     predicts from them."""
     from cspine_ray.train.loop import FoldRun
 
-    boxes = {"stage1.vertebra_boxes": True}
+    boxes = {"stage1.vertebra_boxes": True, "stage1.epochs": 2}
     stage1 = ensure_stage1(tiny("two_stage", **boxes), tiny_shards, storage)
-    assert stage1.path != ensure_stage1(tiny("two_stage"), tiny_shards, storage).path
+    plain = tiny("two_stage", **{"stage1.epochs": 2})
+    assert tiny("two_stage", **boxes).stage1_key("m") != plain.stage1_key("m")  # its own result
     iou = stage1.info.best["cv_vertebra_box_iou"]
     assert 0.0 < iou <= 1.0, iou
     data = JobData.load(tiny_shards, stage1.path)
