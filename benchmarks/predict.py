@@ -178,6 +178,7 @@ def main() -> None:
         m.to(device)
     ensemble.device = device
     frame = pd.DataFrame({"study_dir": [str(s) for s in studies]})
+    os.environ["CSPINE_ALLOWED_ROOTS"] = str(data)  # the pyfunc reads folders only under these
     warm_up(ensemble, device)
 
     load = os.getloadavg()[0]

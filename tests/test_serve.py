@@ -161,11 +161,12 @@ def post(url: str, data: bytes, **kwargs):
 
 @pytest.mark.slow
 def test_the_endpoint_answers_like_predict_and_refuses_bad_input(endpoint, model_folder,
-                                                                  tiny_dataset):
+                                                                  tiny_dataset, monkeypatch):
     import mlflow.pyfunc
 
     url, allowed = endpoint
     studies = sorted((tiny_dataset / "test_images").iterdir())
+    monkeypatch.setenv("CSPINE_ALLOWED_ROOTS", str(tiny_dataset))  # the pyfunc may read them
     expected = mlflow.pyfunc.load_model(str(model_folder)).predict(
         pd.DataFrame({"study_dir": [str(s) for s in studies]})).set_index("study_uid")
 
