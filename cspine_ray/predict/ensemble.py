@@ -112,19 +112,18 @@ class Ensemble:
         each takes a seventh of the slices, whatever stage 1 found (a study it finds nothing in
         would otherwise be answered with the prior alone). Raises RuntimeError, saying what."""
         probs, tables = self.predict(shards_dir, [uid])
-        checks = {"the probabilities": probs.loc[uid, list(TARGETS)].to_numpy(np.float64)}
-        if uid in tables:
-            checks["stage 1's slice table"] = tables[uid]
+        probabilities = {"the probabilities": probs.loc[uid, list(TARGETS)].to_numpy(np.float64)}
         if self.result.family == "two_stage":
             banded = {uid: seventh_bands(len(tables[uid]), tables[uid].shape[1])}
             task = make_task("two_stage", self.result.config, Studies(str(shards_dir), banded))
-            checks["stage 2"] = task.predict(self.models, [uid], self.device,
-                                             prior=np.full(len(TARGETS), np.nan)).to_numpy(np.float64)
-        for what, values in checks.items():
-            if not np.isfinite(values).all() or (what != "stage 1's slice table"
-                                                 and ((values < 0) | (values > 1)).any()):
+            probabilities["stage 2"] = task.predict(self.models, [uid], self.device,
+                                                    prior=np.full(len(TARGETS), np.nan)).to_numpy()
+        for what, values in {**probabilities, "stage 1's slice table": tables.get(uid, [])}.items():
+            values = np.asarray(values, np.float64)
+            in_range = what not in probabilities or ((values >= 0) & (values <= 1)).all()
+            if not (np.isfinite(values).all() and in_range):
                 raise RuntimeError(f"the models answer the probe study with non-probabilities in "
-                                   f"{what}: {np.asarray(values).ravel()[:8].tolist()}")
+                                   f"{what}: {values.ravel()[:8].tolist()}")
 
     def found(self, tables: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Per study of `tables` (predict's stage-1 tables), which vertebrae stage 1 saw: the

@@ -303,13 +303,23 @@ def build_app(args: dict):
     if unknown:
         raise ValueError(f"unknown cspine-ray serve argument(s) {unknown}; known: {list(APP_ARGS)}")
     model = str(args.get("model") or "models:/cspine-fracture@champion")
-    tracking = registry_uri(model, args.get("tracking_uri"))
     max_upload = int(args.get("max_upload_mib") or Limits().max_request_bytes >> 20)
-    options = ServeOptions(
-        model_path=str(Path(model).resolve()) if Path(model).is_dir() else "", model_uri=model,
-        version=registered_version(model, tracking), tracking_uri=tracking,
-        allow_roots=tuple(str(Path(r).resolve()) for r in args.get("allow_roots") or ()),
-        keep=args.get("keep"), max_batch_size=int(args.get("max_batch_size") or 4),
-        limits=Limits(max_request_bytes=max_upload << 20,
-                      max_expanded_bytes=max(3 * (max_upload << 20), Limits().max_expanded_bytes)))
-    return deployment(options)
+    return deployment(serve_options(
+        model, registry_uri(model, args.get("tracking_uri")),
+        str(Path(model).resolve()) if Path(model).is_dir() else "",
+        tuple(args.get("allow_roots") or ()), args.get("keep"),
+        int(args.get("max_batch_size") or 4),
+        Limits(max_request_bytes=max_upload << 20,
+               max_expanded_bytes=max(3 * (max_upload << 20), Limits().max_expanded_bytes))))
+
+
+def serve_options(model_uri: str, tracking_uri: str | None, model_path: str,
+                  allow_roots: tuple[str, ...], keep: str | None, max_batch_size: int,
+                  limits: Limits = Limits()) -> ServeOptions:
+    """What the replicas start with, from a command's or a config's settings (roots resolved,
+    the registered version looked up once)."""
+    return ServeOptions(model_path=model_path, model_uri=model_uri,
+                        version=registered_version(model_uri, tracking_uri),
+                        tracking_uri=tracking_uri,
+                        allow_roots=tuple(str(Path(r).resolve()) for r in allow_roots),
+                        keep=keep, limits=limits, max_batch_size=max_batch_size)

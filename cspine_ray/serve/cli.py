@@ -32,18 +32,14 @@ def start(model_uri: str, tracking_uri: str | None = None, host: str = "127.0.0.
 
     from cspine_ray.predict.cli import local_model, replica_plan
     from cspine_ray.runtime import init_ray
-    from cspine_ray.serve.app import ServeOptions, deployment, registered_version
+    from cspine_ray.serve.app import deployment, serve_options
     from cspine_ray.train.placement import current_cluster
 
     work = Path(work_dir or tempfile.mkdtemp(prefix="cspine-serve-model-"))
     model_path = local_model(model_uri, tracking_uri, work)
     init_ray(address=address)
     replicas, gpus = replica_plan(current_cluster(), 1 << 20, 1, replicas, gpus_per_replica)
-    options = ServeOptions(model_path=model_path, model_uri=model_uri,
-                           version=registered_version(model_uri, tracking_uri),
-                           tracking_uri=tracking_uri,
-                           allow_roots=tuple(str(Path(r).resolve()) for r in allow_roots),
-                           keep=keep, max_batch_size=max_batch_size)
+    options = serve_options(model_uri, tracking_uri, model_path, allow_roots, keep, max_batch_size)
     serve.start(http_options={"host": host, "port": port, "request_timeout_s": request_timeout_s})
     handle = serve.run(deployment(options, replicas, gpus, max_queued_requests), name=APP,
                        route_prefix="/")
